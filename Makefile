@@ -1,0 +1,29 @@
+# `make repro` runs the whole pipeline on the embedded default; `make test` runs the tests.
+# Both do the set-up first (once; again when a requirements file changes).
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup repro test bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-gpu.txt tools/setup.sh
+	bash tools/setup.sh
+	touch $(STAMP)
+
+repro: setup
+	$(BIN)/dvc repro
+	@cat metrics/summary.md 2>/dev/null || true
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python -m bench.bench_score
+	$(BIN)/python -m bench.bench_client
+	$(BIN)/python -m bench.bench_merge
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,73 @@
+"""Reading the data formats and writing outputs atomically (temp file + rename)."""
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from .cli import UserError
+
+
+def read_json(path):
+    """Load a JSON file, turning a missing or malformed file into a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+
+
+def atomic_write_text(path, text):
+    """Write text so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path, obj, indent=2):
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
+
+
+@contextmanager
+def atomic_dir(path):
+    """Yield a temp folder beside `path`; on success it replaces `path`, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_split(path):
+    """Read a split file [{"image_path", "ocr_text"}], checking its shape."""
+    rows = read_json(path)
+    if not isinstance(rows, list):
+        raise UserError(f"{path}: expected a JSON list of {{image_path, ocr_text}} rows")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: row {i}: expected an object")
+        for field in ("image_path", "ocr_text"):
+            if not isinstance(row.get(field), str):
+                raise UserError(f"{path}: row {i}: field '{field}' missing or not a string")
+    return rows

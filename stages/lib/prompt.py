@@ -1,0 +1,37 @@
+"""The one prompt builder. Training and evaluation both call it, so the model is asked
+exactly what it was taught: the image first, then the instruction, in Gemma's chat template."""
+import base64
+import mimetypes
+from pathlib import Path
+
+DEFAULT_INSTRUCTION = "請給我 OCR 結果"
+
+
+def user_turn(instruction, image_url=None):
+    """The user's message: image first, then the instruction text.
+
+    Without `image_url` the image is a placeholder the processor fills (training);
+    with it, the image travels as an OpenAI `image_url` part (evaluation)."""
+    image_part = {"type": "image"} if image_url is None else {"type": "image_url", "image_url": {"url": image_url}}
+    return {"role": "user", "content": [image_part, {"type": "text", "text": instruction}]}
+
+
+def training_example(image, text, instruction):
+    """A conversational prompt/completion row for TRL: loss falls on the completion only."""
+    return {
+        "prompt": [user_turn(instruction)],
+        "completion": [{"role": "assistant", "content": [{"type": "text", "text": text}]}],
+        "images": [image],
+    }
+
+
+def image_data_url(path):
+    """Encode an image file as a base64 data URL with the MIME type of its extension."""
+    mime = mimetypes.guess_type(str(path))[0] or "application/octet-stream"
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f"data:{mime};base64,{data}"
+
+
+def chat_messages(image_path, instruction):
+    """The OpenAI chat-completions `messages` for one image: same turn as training_example."""
+    return [user_turn(instruction, image_url=image_data_url(image_path))]
