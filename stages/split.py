@@ -137,8 +137,9 @@ def main(argv=None):
         raise UserError(f"{args.input}: need at least 2 usable rows to split, found {len(rows)}")
     non_test, test = split_rows(rows, args.test_ratio, args.seed, args.group_by)
     if not non_test or not test:
-        raise UserError(f"{args.input}: split left one side empty ({len(non_test)} non-test, {len(test)} test); "
-                        "check split.test_ratio and split.group_by")
+        n_groups = len({group_key(r["image_path"], args.group_by) for r in rows})
+        raise UserError(f"{args.input}: split left one side empty ({len(non_test)} non-test, {len(test)} test, "
+                        f"{n_groups} group(s) with group_by={args.group_by}); check split.test_ratio and split.group_by")
 
     out = Path(args.output_dir)
     atomic_write_text(out / "ocr_non_test.json", json.dumps(non_test, ensure_ascii=False, indent=1) + "\n")
