@@ -1,0 +1,110 @@
+"""A tiny, untrained Gemma 3 vision-language model built offline (no hub), saved as an
+ordinary model folder that AutoModelForImageTextToText / AutoProcessor load.
+
+What makes it able to learn OCR on 2 CPU cores (see the field notes):
+- a character-level tokenizer (one token per character of `alphabet`, no merges, byte
+  fallback for anything else) with Gemma's special tokens;
+- image normalisation mean=1, std=1: the white background maps to 0;
+- patch 32 on a 128 px image and mm_tokens_per_image=16: one image token per 32x32 cell,
+  which is one character of stages/lib/synthetic.py's 4x4 grid (no pooling);
+- the multi-modal projector re-initialised (it is all zeros after random init, so every
+  image would embed to 0 and the vision tower would get no gradient).
+"""
+import json
+import math
+from pathlib import Path
+
+# Gemma's special tokens, in Gemma's order for the first ids (pad 0, eos 1, bos 2, unk 3).
+PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
+START_TURN, END_TURN = "<start_of_turn>", "<end_of_turn>"
+BOI, EOI, IMAGE = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+SPECIALS = [PAD, EOS, BOS, UNK, START_TURN, END_TURN, BOI, EOI, IMAGE]
+# Characters the chat template and the processor themselves emit.
+TEMPLATE_CHARS = "\n abcdefghijklmnopqrstuvwxyz"
+
+
+def chat_template():
+    """TRL's copy of the Gemma 3 chat template (the one real checkpoints ship)."""
+    import trl
+
+    return (Path(trl.__file__).parent / "chat_templates" / "gemma3.jinja").read_text(encoding="utf-8")
+
+
+def build_tokenizer(alphabet):
+    """A Gemma-style fast tokenizer with one token per character and byte fallback."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for ch in sorted(set(alphabet) | set(TEMPLATE_CHARS)):
+        if ch not in vocab:
+            vocab[ch] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK, byte_fallback=True))
+    core.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    core.add_special_tokens(SPECIALS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+        additional_special_tokens=[START_TURN, END_TURN],
+        extra_special_tokens={"boi_token": BOI, "eoi_token": EOI, "image_token": IMAGE},
+        padding_side="right", add_bos_token=False, add_eos_token=False,
+        chat_template=chat_template(),
+    )
+
+
+def build_tiny_model(output_dir, alphabet, *, seed=0, image_size=128, text_hidden_size=128,
+                     text_layers=2, vision_hidden_size=128, vision_layers=2):
+    """Save an untrained tiny Gemma3ForConditionalGeneration + processor to output_dir."""
+    import torch
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil,
+                              Gemma3Processor, Gemma3TextConfig, GenerationConfig, SiglipVisionConfig)
+
+    patch, tokens_per_image = 32, 16
+    if image_size % patch or (image_size // patch) ** 2 % tokens_per_image:
+        raise ValueError(f"image_size must be a multiple of {patch} giving a multiple of 4 patches per side")
+    tokenizer = build_tokenizer(alphabet)
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIALS}
+    heads = max(1, text_hidden_size // 32)
+    text_config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_hidden_size, intermediate_size=4 * text_hidden_size,
+        num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+        head_dim=32, query_pre_attn_scalar=32, max_position_embeddings=1024, sliding_window=512,
+        pad_token_id=ids[PAD], eos_token_id=ids[EOS], bos_token_id=ids[BOS],
+    )
+    vision_config = SiglipVisionConfig(
+        hidden_size=vision_hidden_size, intermediate_size=4 * vision_hidden_size,
+        num_hidden_layers=vision_layers, num_attention_heads=max(1, vision_hidden_size // 32),
+        image_size=image_size, patch_size=patch,
+    )
+    config = Gemma3Config(
+        text_config=text_config, vision_config=vision_config, mm_tokens_per_image=tokens_per_image,
+        boi_token_index=ids[BOI], eoi_token_index=ids[EOI], image_token_index=ids[IMAGE],
+    )
+    config.pad_token_id, config.eos_token_id, config.bos_token_id = ids[PAD], ids[EOS], ids[BOS]
+
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    projector = model.model.multi_modal_projector.mm_input_projection_weight
+    with torch.no_grad():  # zero by default: re-initialise so images reach the language model
+        projector.normal_(0.0, 1.0 / math.sqrt(vision_hidden_size))
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids[BOS], pad_token_id=ids[PAD], eos_token_id=[ids[EOS], ids[END_TURN]],
+        do_sample=False, max_new_tokens=64,
+    )
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_mean=[1.0, 1.0, 1.0],
+        image_std=[1.0, 1.0, 1.0], do_pan_and_scan=False, do_convert_rgb=True,
+    )
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                chat_template=chat_template(), image_seq_length=tokens_per_image)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    (output_dir / "tiny_model.json").write_text(json.dumps({
+        "seed": seed, "image_size": image_size, "text_hidden_size": text_hidden_size, "text_layers": text_layers,
+        "vision_hidden_size": vision_hidden_size, "vision_layers": vision_layers,
+        "vocab_size": len(tokenizer), "parameters": sum(p.numel() for p in model.parameters()),
+    }, indent=2) + "\n", encoding="utf-8")
+    return output_dir
