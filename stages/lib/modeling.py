@@ -1,0 +1,96 @@
+"""Where the base model lives, loading it, and reading images with it (greedy decoding).
+
+models/base/ holds either the tiny model itself (model_name "tiny": built by the base stage)
+or a source.json {"model_name": "/path/to/checkpoint"} pointing at a real local checkpoint.
+Nothing here downloads: a model_name that is not a local folder is refused.
+"""
+from pathlib import Path
+
+from .cli import UserError
+from .io import read_json
+
+BASE_DIR = "models/base"
+SOURCE_FILE = "source.json"
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def check_model_dir(path, what="model_name"):
+    """A local folder with config.json and weights (or a PEFT adapter); else a one-line UserError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"params.yaml: '{what}' {str(path)!r} is not a folder ('tiny' builds a small model; "
+                        "a real checkpoint must be downloaded beforehand: nothing is downloaded at run time)")
+    if not (path / "config.json").is_file():
+        raise UserError(f"params.yaml: '{what}' {str(path)!r} is not a model folder (no config.json)")
+    if not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
+        raise UserError(f"params.yaml: '{what}' {str(path)!r} is not a model folder (no *.safetensors/*.bin weights)")
+    return path
+
+
+def resolve_base_dir(base_dir=BASE_DIR):
+    """The folder to load the base model from: base_dir itself, or where its source.json points."""
+    base_dir = Path(base_dir)
+    source = base_dir / SOURCE_FILE
+    if source.is_file():
+        info = read_json(source)
+        if not isinstance(info, dict) or not isinstance(info.get("model_name"), str):
+            raise UserError(f"{source}: expected {{\"model_name\": \"/path/to/checkpoint\"}}")
+        return check_model_dir(info["model_name"])
+    if not (base_dir / "config.json").is_file():
+        raise UserError(f"{base_dir}: no base model (run `dvc repro base` first)")
+    return base_dir
+
+
+def load_processor(path):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(path))
+
+
+def load_model(path, *, load_in_4bit=False, dtype=None):
+    """AutoModelForImageTextToText from a local folder (4-bit NF4 through bitsandbytes if asked)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    kwargs = {"dtype": dtype or torch.float32}
+    if load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    return AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
+
+
+def read_images(model, processor, images, instruction, *, batch_size=16, max_new_tokens=64, progress=False):
+    """Greedy transcription of PIL images with the shared prompt; returns a list of strings."""
+    import torch
+    from tqdm import tqdm
+
+    from .prompt import user_turn
+
+    text = processor.apply_chat_template([user_turn(instruction)], add_generation_prompt=True, tokenize=False)
+    was_training = model.training
+    model.eval()
+    out = []
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc="reading", disable=not progress, leave=False):
+        batch = [[image] for image in images[start:start + batch_size]]
+        inputs = processor(text=[text] * len(batch), images=batch, return_tensors="pt",
+                           padding=True, padding_side="left", add_special_tokens=False).to(model.device)
+        with torch.no_grad():
+            ids = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+        new = ids[:, inputs["input_ids"].shape[1]:]
+        out.extend(s.strip() for s in processor.batch_decode(new, skip_special_tokens=True))
+    model.train(was_training)
+    return out
+
+
+def char_error_rate(predictions, references):
+    """Total edit distance / total reference length (the overall CER the evaluation reports)."""
+    def distance(a, b):
+        row = list(range(len(b) + 1))
+        for i, ca in enumerate(a, 1):
+            prev, row[0] = row[0], i
+            for j, cb in enumerate(b, 1):
+                prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+        return row[-1]
+    total = sum(len(r) for r in references)
+    return sum(distance(p, r) for p, r in zip(predictions, references)) / max(total, 1)
