@@ -1,0 +1,279 @@
+"""The evaluation client: OpenAI chat-completions requests that lose nothing.
+
+ChatClient.predict(sample) sends one image with the shared prompt (stages/lib/prompt.py
+chat_messages: the same turn training uses) at temperature 0 with max_tokens and stop strings,
+through one pooled requests.Session per worker thread. Connection errors, timeouts, 5xx answers
+and malformed replies are retried with exponential backoff; other 4xx answers are not (the same
+request would fail again). A sample that still fails raises SampleError, which the runner
+records as an `error` field, never as an empty prediction.
+
+run_samples() drives any predict function (chat or Tesseract) over a thread pool and keeps the
+output file safe: progress is written atomically every save_interval finished samples (status
+"partial"), in input order; load_previous() reads such a file back so that a re-run skips the
+samples already done and redoes only the missing and the failed ones.
+"""
+import json
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+import requests
+from tqdm import tqdm
+
+from .io import atomic_write_json
+from .prompt import chat_messages
+
+
+# TEMPORARY: stand-ins until stages/lib/metrics.py lands (same conventions as the original:
+# CER = edits / reference length, F1 = bag-of-characters F1, both-empty -> 0).
+class _Metrics:
+    @staticmethod
+    def cer(prediction, label):
+        from rapidfuzz.distance import Levenshtein
+        return Levenshtein.distance(prediction, label) / len(label) if label else float(bool(prediction))
+
+    @staticmethod
+    def f1(prediction, label):
+        from collections import Counter
+        common = sum((Counter(prediction) & Counter(label)).values())
+        if not common:
+            return 0.0
+        p, r = common / len(prediction), common / len(label)
+        return 2 * p * r / (p + r)
+
+    @staticmethod
+    def corpus_cer(predictions, labels):
+        from rapidfuzz.distance import Levenshtein
+        total = sum(len(l) for l in labels)
+        return sum(Levenshtein.distance(p, l) for p, l in zip(predictions, labels)) / total if total else None
+
+
+metrics = _Metrics
+
+
+class SampleError(Exception):
+    """A sample that could not be evaluated; the message becomes its `error` field."""
+
+    def __init__(self, message, attempts=1):
+        super().__init__(message)
+        self.attempts = attempts
+
+
+class ChatClient:
+    def __init__(self, url, model_name, instruction, *, max_tokens, stop=None, timeout=60.0,
+                 max_retries=3, backoff_s=0.5, max_backoff_s=10.0):
+        self.endpoint = f"{url}/v1/chat/completions"
+        self.model_name = model_name
+        self.instruction = instruction
+        self.max_tokens = max_tokens
+        self.stop = list(stop or [])
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.stopping = threading.Event()   # set on Ctrl-C: no more retries
+        self._local = threading.local()
+        self._sessions = []
+        self._sessions_lock = threading.Lock()
+
+    def _session(self):
+        """One connection-pooled session per worker thread (Session is not thread-safe)."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            session.headers["Content-Type"] = "application/json"
+            with self._sessions_lock:
+                self._sessions.append(session)
+        return session
+
+    def close(self):
+        with self._sessions_lock:
+            for session in self._sessions:
+                session.close()
+            self._sessions.clear()
+
+    def payload(self, image_path):
+        body = {"model": self.model_name, "messages": chat_messages(image_path, self.instruction),
+                "temperature": 0, "max_tokens": self.max_tokens}
+        if self.stop:
+            body["stop"] = self.stop
+        return body
+
+    def _backoff(self, attempt):
+        """Exponential backoff with jitter (so that workers do not retry in lock-step)."""
+        delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+        if self.stopping.wait(delay):
+            raise SampleError("interrupted", attempt)
+
+    def predict(self, sample):
+        """One sample -> {"prediction", "completion_tokens", ...}; SampleError when it cannot."""
+        try:
+            body = json.dumps(self.payload(sample["image_path"]), ensure_ascii=False).encode("utf-8")
+        except OSError as err:
+            raise SampleError(f"image unreadable: {err}") from None
+        session = self._session()
+        problem = "no attempt made"
+        attempts = self.max_retries + 1
+        for attempt in range(attempts):
+            if attempt:
+                self._backoff(attempt)
+            start = time.perf_counter()
+            try:
+                response = session.post(self.endpoint, data=body, timeout=(min(10.0, self.timeout), self.timeout))
+            except requests.Timeout:
+                problem = f"timed out after {self.timeout:g} s"
+                continue
+            except requests.RequestException as err:  # refused, reset, dropped mid-reply
+                problem = f"connection failed: {type(err).__name__}"
+                continue
+            latency = time.perf_counter() - start
+            if response.status_code >= 500:
+                problem = f"HTTP {response.status_code}: {response.text[:200].strip()}"
+                continue
+            if response.status_code != 200:
+                raise SampleError(f"HTTP {response.status_code}: {response.text[:300].strip()}", attempt + 1)
+            try:
+                reply = response.json()
+                choice = reply["choices"][0]
+                content = choice["message"]["content"]
+                if not isinstance(content, str):
+                    raise TypeError("content is not a string")
+            except (ValueError, KeyError, IndexError, TypeError) as err:
+                problem = f"malformed reply ({type(err).__name__}): {response.text[:120].strip()}"
+                continue
+            usage = reply.get("usage") or {}
+            return {"prediction": content, "completion_tokens": usage.get("completion_tokens"),
+                    "prompt_tokens": usage.get("prompt_tokens"), "finish_reason": choice.get("finish_reason"),
+                    "latency_s": round(latency, 4), "attempts": attempt + 1}
+        raise SampleError(f"{problem} (after {attempts} attempts)", attempts)
+
+
+def sample_key(image_path, label):
+    return f"{image_path}\x00{label}"
+
+
+def score_record(sample, outcome):
+    """The per-sample record of the output file, with RAW (unnormalized) CER/F1."""
+    record = {"image_path": sample["image_path"], "label": sample["label"]}
+    if "error" in outcome:
+        record.update(prediction=None, cer_score=None, f1_score=None, error=outcome["error"],
+                      attempts=outcome.get("attempts"))
+        return record
+    prediction = outcome["prediction"]
+    record.update(prediction=prediction, cer_score=metrics.cer(prediction, sample["label"]),
+                  f1_score=metrics.f1(prediction, sample["label"]))
+    record.update({k: v for k, v in outcome.items() if k != "prediction"})
+    return record
+
+
+def load_previous(path, fingerprint):
+    """Finished (error-free) records of an earlier run with the same fingerprint, by sample key.
+
+    A file from another model, prompt or settings is not reused (returns None so the caller can
+    say so); a file that cannot be read is treated as absent."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(doc, dict) or not isinstance(doc.get("samples"), list):
+        return {}
+    if doc.get("fingerprint") != fingerprint:
+        return None
+    done = {}
+    for record in doc["samples"]:
+        if isinstance(record, dict) and "error" not in record and isinstance(record.get("prediction"), str):
+            done[sample_key(record.get("image_path"), record.get("label"))] = record
+    return done
+
+
+def _percentile(values, q):
+    if not values:
+        return None
+    values = sorted(values)
+    rank = q / 100 * (len(values) - 1)
+    low = int(rank)
+    high = min(low + 1, len(values) - 1)
+    return round(values[low] + (values[high] - values[low]) * (rank - low), 4)
+
+
+def summarize(records, wall_s, new_count, new_tokens):
+    """Overall RAW figures over the successful samples, and this run's speed figures."""
+    ok = [r for r in records if "error" not in r]
+    pairs = [(r["prediction"], r["label"]) for r in ok]
+    latencies = [r["latency_s"] for r in ok if isinstance(r.get("latency_s"), (int, float))]
+    return {
+        "overall_cer": metrics.corpus_cer([p for p, _ in pairs], [l for _, l in pairs]) if pairs else None,
+        "overall_f1": (sum(r["f1_score"] for r in ok) / len(ok)) if ok else None,
+        "total_samples": len(records),
+        "failed_count": len(records) - len(ok),
+        "samples_per_s": round(new_count / wall_s, 3) if wall_s > 0 else None,
+        "tokens_per_s": round(new_tokens / wall_s, 2) if wall_s > 0 and new_tokens else None,
+        "latency_p50_s": _percentile(latencies, 50),
+        "latency_p95_s": _percentile(latencies, 95),
+        "evaluated_this_run": new_count,
+        "wall_s": round(wall_s, 3),
+    }
+
+
+def _run_one(predict, sample):
+    """predict() with every failure turned into an outcome: a worker never loses a sample."""
+    start = time.perf_counter()
+    try:
+        outcome = predict(sample)
+    except SampleError as err:
+        return {"error": str(err), "attempts": err.attempts}
+    except Exception as err:  # an unexpected bug still ends the sample, as an error
+        return {"error": f"{type(err).__name__}: {err}"}
+    outcome.setdefault("latency_s", round(time.perf_counter() - start, 4))
+    return outcome
+
+
+def run_samples(samples, predict, *, workers, output_path, header, save_interval, previous=None,
+                desc="evaluate", on_interrupt=None):
+    """Evaluate `samples` ([{"image_path", "label"}]) with `predict` on `workers` threads.
+
+    Finished records in `previous` (from load_previous) are reused. Progress is saved to
+    output_path every save_interval finished samples and on Ctrl-C; returns (records in input
+    order, summary). The caller writes the final document (it decides the final status)."""
+    previous = previous or {}
+    records = [previous.get(sample_key(s["image_path"], s["label"])) for s in samples]
+    pending = [i for i, r in enumerate(records) if r is None]
+    new_tokens = 0
+    start = time.perf_counter()
+
+    def save(status):
+        done = [r for r in records if r is not None]
+        atomic_write_json(output_path, {**header, "status": status, "samples": done})
+
+    if pending:
+        bar = tqdm(total=len(pending), desc=desc, unit="sample", dynamic_ncols=True, mininterval=0.5)
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eval")
+        failed = since_save = 0
+        try:
+            futures = {pool.submit(_run_one, predict, samples[i]): i for i in pending}
+            for future in as_completed(futures):
+                i = futures[future]
+                records[i] = score_record(samples[i], future.result())
+                failed += "error" in records[i]
+                new_tokens += records[i].get("completion_tokens") or 0
+                since_save += 1
+                if since_save >= save_interval:
+                    save("partial")
+                    since_save = 0
+                elapsed = time.perf_counter() - start
+                speed = f"tok/s={new_tokens / elapsed:.1f} " if new_tokens else ""
+                bar.set_postfix_str(f"{speed}failed={failed}", refresh=False)
+                bar.update(1)
+        except BaseException:
+            if on_interrupt is not None:
+                on_interrupt()           # stop retries first so the pool drains quickly
+            pool.shutdown(wait=False, cancel_futures=True)
+            save("partial")              # whatever finished is kept for the next run
+            raise
+        finally:
+            bar.close()
+        pool.shutdown(wait=True)
+    summary = summarize(records, time.perf_counter() - start, len(pending), new_tokens)
+    return records, summary
