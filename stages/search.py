@@ -1,0 +1,187 @@
+"""search: Optuna hyperparameter search over LoRA training -> models/search/.
+
+    models/base + data/input/ocr_non_test.json + params.yaml `search:` ->
+      models/search/study.db          the Optuna study (SQLite, DVC `persist: true`)
+      models/search/best_params.json  {"params": searched values of the best trial, "trial", "value",
+                                       "objective", "study_name", "timestamp", "skipped", "trials", "adapter"}
+      models/search/best_config.json  the complete training config: params.yaml + the best values
+      models/search/trials.csv        one row per trial: state, value, params, duration, error
+      models/search/trials/trial_N/   result.json for every trial; adapter/ only for the
+                                      `search.keep_best_adapters` best completed trials
+
+Each trial trains like the train stage (same code, stages/lib/training.py) with params.yaml's
+training keys, then `search.trial_overrides` (shorter trials: num_train_epochs), then the values
+sampled from `search.space`. It reports eval_loss to Optuna at every evaluation (step = the
+trainer's global step), so the median pruner stops poor trials; a trial that raises (NaN loss,
+out of memory) is recorded FAIL with its error and the study goes on. The objective is the best
+eval_loss of the trial (or `val_cer`: greedy CER of its best adapter on the validation rows).
+
+`search.n_trials` is the study's TOTAL: re-running with a higher number continues the same study
+(trial numbers go on); `n_trials: 0` skips the search (best_params.json says "skipped": true and
+train uses params.yaml alone). The train stage takes the best value of every key the search space
+covers and params.yaml for the rest. To start afresh, change `search.study_name` or delete
+models/search/study.db. Space syntax, grid rule and the original JSON config: stages/lib/search_space.py.
+
+Usage (the original's flags work; defaults come from params.yaml):
+    dvc repro search                                    # = python -m stages.search --resume
+    python -m stages.search --study-name s1 --search-mode random --n-trials 20 --timeout 3600
+    python -m stages.search --config configs/search.json --resume    # {"search_space": ..., fixed keys}
+Scaling out: `search.workers: N` runs N worker processes here against the same storage (one GPU
+each through CUDA_VISIBLE_DEVICES when GPUs exist). Across machines, put the study in PostgreSQL
+(the URL only ever comes from the environment, so no password reaches dvc.lock or the outputs):
+    export OCR_SEARCH_STORAGE='postgresql+psycopg2://user:pass@dbhost:5432/optuna'
+    dvc repro search          # the coordinator: creates the study, runs its trials, writes outputs
+and on any other host with a clone, the data and models/base in place, one command joins:
+    OCR_SEARCH_STORAGE='postgresql+psycopg2://user:pass@dbhost:5432/optuna' python -m stages.search --worker --study-name ocr-lora --n-trials 5
+A worker runs its trials with the settings stored in the study by the coordinator and keeps its
+trial folders under its own --base-output-dir. With external storage the coordinator also copies
+the study into models/search/study.db at the end.
+"""
+import argparse
+import os
+import socket
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .lib import params as P
+from .lib import search_study as S
+from .lib.cli import UserError, run_main
+from .lib.io import read_split
+from .lib.search_space import MODES, PRUNERS, corners, grid_size, parse_space, read_config
+
+OUT_DIR = "models/search"
+INPUT = "data/input/ocr_non_test.json"
+
+
+def parse_args(argv, params):
+    p = argparse.ArgumentParser(prog="python -m stages.search", description=__doc__.split("\n")[0])
+    p.add_argument("--study-name", default=P.get(params, "search.study_name", str))
+    p.add_argument("--search-mode", choices=MODES, default=P.get(params, "search.mode", str, choices=MODES))
+    p.add_argument("--n-trials", type=int, default=None, help="the study's total (with --worker: trials to run here)")
+    p.add_argument("--timeout", type=float, default=P.get(params, "search.timeout", float, minimum=1, allow_none=True))
+    p.add_argument("--resume", action="store_true", help="continue a study that already has trials")
+    p.add_argument("--config", help="the original's JSON config: search_space + fixed training keys")
+    p.add_argument("--storage", help=f"Optuna storage URL without password (prefer ${S.STORAGE_ENV})")
+    p.add_argument("--model-name", help="base model folder (default: models/base)")
+    p.add_argument("--input-data", default=INPUT)
+    p.add_argument("--instruction")
+    p.add_argument("--base-output-dir", default=OUT_DIR)
+    p.add_argument("--worker", action="store_true", help="join an existing study and run --n-trials trials")
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.n_trials is None:
+        args.n_trials = P.get(params, "search.n_trials", int, minimum=0)
+    if args.n_trials < 0:
+        raise UserError(f"--n-trials must be >= 0, got {args.n_trials}")
+    if args.timeout is not None and args.timeout <= 0:
+        raise UserError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    return args
+
+
+def read_settings(params, args):
+    """The study's settings from params.yaml's `search:` (+ --config), validated before heavy work."""
+    from .lib.training import TRAINING_KEYS, training_config
+
+    g = lambda key, kind, **kw: P.get(params, f"search.{key}", kind, **kw)  # noqa: E731
+    if args.config:
+        specs, fixed = read_config(args.config)
+    else:
+        specs, fixed = parse_space(g("space", dict)), {}
+    if args.model_name:
+        fixed["model_name"] = args.model_name
+    if args.instruction is not None:
+        fixed["instruction"] = args.instruction
+    for name in list(specs) + list(g("trial_overrides", dict)):
+        if name not in TRAINING_KEYS:
+            where = "search.space" if name in specs else "search.trial_overrides"
+            raise UserError(f"{args.config or 'params.yaml'}: {where}.{name}: not a training parameter "
+                            f"(known: {', '.join(TRAINING_KEYS)})")
+    settings = {
+        "specs": specs, "mode": args.search_mode,
+        "objective": g("objective", str, choices=S.OBJECTIVES),
+        "grid_points": g("grid_points", int, minimum=1),
+        "keep_best_adapters": g("keep_best_adapters", int, minimum=0),
+        "pruner": {"type": g("pruner.type", str, choices=PRUNERS),
+                   "n_startup_trials": g("pruner.n_startup_trials", int, minimum=0),
+                   "n_warmup_steps": g("pruner.n_warmup_steps", int, minimum=0),
+                   "interval_steps": g("pruner.interval_steps", int, minimum=1)},
+        "trial_overrides": g("trial_overrides", dict),
+        "fixed": training_config(params, overrides=fixed),
+    }
+    for values in [{}] + corners(specs):   # every end and choice of the space must make a valid config
+        S.trial_config(settings, values)
+    return settings
+
+
+def load_data(args, val_ratio, seed):
+    from .lib.modeling import check_model_dir, resolve_base_dir
+    from .lib.training import split_train_val
+
+    base_dir = check_model_dir(args.model_name, "--model-name") if args.model_name else resolve_base_dir()
+    train_rows, val_rows = split_train_val(read_split(args.input_data), val_ratio, seed)
+    return base_dir, train_rows, val_rows
+
+
+def worker_seed(seed, index, existing):
+    return None if index is None else seed + 1_000_003 * index + 7919 * existing
+
+
+def join(args, params):
+    """--worker: run trials of an existing study with the settings stored in it."""
+    url, _ = S.storage_url(args.base_output_dir, args.storage)
+    study = S.load_worker_study(S.open_storage(url), args.study_name)
+    settings = study.user_attrs[S.SETTINGS_ATTR]
+    base_dir, train_rows, val_rows = load_data(args, settings["fixed"]["val_ratio"], settings["fixed"]["seed"])
+    name = f"w{args.worker_index}" if args.worker_index is not None else f"{socket.gethostname()}:{os.getpid()}"
+    S.run_worker(study, settings, n_trials=args.n_trials, timeout=args.timeout,
+                 seed=worker_seed(P.get(params, "search.seed", int), args.worker_index, len(study.trials)),
+                 base_dir=base_dir, train_rows=train_rows, val_rows=val_rows,
+                 trials_dir=Path(args.base_output_dir) / "trials", worker=name)
+
+
+def main(argv=None):
+    params = P.load_params()
+    args = parse_args(argv, params)
+    if args.worker:
+        return join(args, params)
+    started = time.monotonic()
+    settings = read_settings(params, args)
+    workers = P.get(params, "search.workers", int, minimum=1)
+    seed = P.get(params, "search.seed", int)
+    out_dir = Path(args.base_output_dir)
+    if args.n_trials > 0:
+        base_dir, train_rows, val_rows = load_data(args, settings["fixed"]["val_ratio"], settings["fixed"]["seed"])
+    url, _ = S.storage_url(out_dir, args.storage)
+    storage = S.open_storage(url)
+    study = S.prepare_study(storage, args.study_name, settings, args.resume)
+    existing = sum(t.state.name != "WAITING" for t in study.trials)   # enqueued trials run first
+    remaining = max(0, args.n_trials - existing) if args.n_trials > 0 else 0
+    grid = f", grid of {grid_size(settings['specs'], settings['grid_points'])}" if args.search_mode == "grid" else ""
+    S.say(f"study '{args.study_name}' in {S.safe_url(url)}: {existing} trials so far, {remaining} to run "
+          f"({args.search_mode}{grid}, objective {settings['objective']}, {workers} worker(s))")
+    if remaining:
+        with tqdm(total=remaining, desc="search", unit="trial") as bar:
+            if workers == 1:
+                S.run_worker(study, settings, n_trials=remaining, timeout=args.timeout,
+                             seed=worker_seed(seed, 0, existing), base_dir=base_dir, train_rows=train_rows,
+                             val_rows=val_rows, trials_dir=out_dir / "trials", worker="w0", bar=bar)
+            else:
+                worker_args = ["--study-name", args.study_name, "--base-output-dir", str(out_dir),
+                               "--input-data", args.input_data]
+                worker_args += ["--model-name", args.model_name] if args.model_name else []
+                worker_args += ["--timeout", str(args.timeout)] if args.timeout else []
+                S.spawn_workers(url, worker_args, S.split_evenly(remaining, workers), bar, study)
+    if not S.is_local_sqlite(url, out_dir):
+        S.snapshot_to_sqlite(args.study_name, storage, out_dir / "study.db")
+    info = S.write_outputs(study, settings, out_dir, skipped=args.n_trials == 0)
+    t = info["trials"]
+    best = "search skipped (n_trials 0): train uses params.yaml" if info["skipped"] else \
+        f"best trial {info['trial']}: {info['objective']} {info['value']:.4f} {info['params']}"
+    S.say(f"{t['complete']} complete, {t['pruned']} pruned, {t['failed']} failed; {best} "
+          f"[{time.monotonic() - started:.0f}s] -> {out_dir}/best_params.json")
+
+
+if __name__ == "__main__":
+    run_main(main)
