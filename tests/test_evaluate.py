@@ -1,0 +1,174 @@
+"""The evaluate stage as users run it (`python -m stages.evaluate`): one real `transformers serve`,
+the rest against the fault-injecting stub (--vllm-url) and Tesseract."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from openai_stub import MODEL, Stub, answers_for
+from stages.evaluate import model_folder, top_k_arg
+
+ROOT = Path(__file__).resolve().parents[1]
+FIELDS = {"overall_cer", "overall_f1", "total_samples", "timestamp", "model_name", "samples", "failed_count",
+          "samples_per_s", "tokens_per_s", "latency_p50_s", "latency_p95_s", "server", "status"}
+SAMPLE_FIELDS = {"image_path", "label", "prediction", "cer_score", "f1_score", "latency_s", "completion_tokens"}
+
+
+def evaluate_cmd(*args):
+    return [sys.executable, "-m", "stages.evaluate", *map(str, args)]
+
+
+def run_evaluate(*args, timeout=120):
+    return subprocess.run(evaluate_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(done):
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and lines and lines[-1].startswith("error: "), done.stderr
+    assert "Traceback" not in done.stderr
+    return lines[-1]
+
+
+def write_rows(path, rows):
+    path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def processes_mentioning(text):
+    """PIDs whose command line contains `text` (to prove no server was left behind)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline and "pytest" not in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def test_real_server_end_to_end(tiny_base_dir, tiny_rows_file, tmp_path):
+    out = tmp_path / "finetuned.json"
+    done = run_evaluate("--model-dir", tiny_base_dir, "--engine", "transformers", "--data-file", tiny_rows_file,
+                        "--output-file", out, "--top-k", 4, "--workers", 2, "--max-tokens", 8,
+                        "--save-interval", 1, timeout=240)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    assert FIELDS <= set(doc) and doc["status"] == "complete" and doc["total_samples"] == 4
+    assert doc["model_name"] == str(tiny_base_dir) and doc["server"]["managed"] is True
+    assert doc["server"]["models"]["data"][0]["id"] == str(tiny_base_dir)
+    assert doc["generation"]["temperature"] == 0 and doc["generation"]["max_tokens"] == 8
+    rows = json.loads(tiny_rows_file.read_text(encoding="utf-8"))[:4]
+    assert [s["image_path"] for s in doc["samples"]] == [r["image_path"] for r in rows]
+    assert [s["label"] for s in doc["samples"]] == [r["ocr_text"] for r in rows]
+    for sample in doc["samples"]:
+        assert SAMPLE_FIELDS <= set(sample) and "error" not in sample and isinstance(sample["prediction"], str)
+    assert doc["failed_count"] == 0 and doc["samples_per_s"] > 0 and doc["overall_cer"] is not None
+    assert processes_mentioning(str(tiny_base_dir)) == []
+
+
+def test_sigkill_then_rerun_loses_and_duplicates_nothing(tiny_rows, tmp_path):
+    rows = tiny_rows[:12]
+    data = write_rows(tmp_path / "rows.json", rows)
+    out = tmp_path / "out.json"
+    with Stub(answers_for(rows), delay_s=0.15) as stub:
+        args = ["--vllm-url", f"{stub.url}/v1/chat/completions", "--model-name", MODEL, "--data-file", data,
+                "--output-file", out, "--workers", 2, "--save-interval", 2, "--top-k", "None"]
+        proc = subprocess.Popen(evaluate_cmd(*args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        saved = []
+        while len(saved) < 4:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            if out.exists():
+                saved = json.loads(out.read_text(encoding="utf-8"))["samples"]
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        partial = json.loads(out.read_text(encoding="utf-8"))   # atomic saves: always whole JSON
+        assert partial["status"] == "partial" and 4 <= len(partial["samples"]) < 12
+        kept = {s["image_path"] for s in partial["samples"]}
+        done = run_evaluate(*args)
+        assert done.returncode == 0, done.stderr
+        assert f"resuming: {len(kept)} finished samples kept" in done.stderr
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    assert doc["status"] == "complete" and doc["total_samples"] == 12
+    assert [s["image_path"] for s in doc["samples"]] == [r["image_path"] for r in rows]
+    assert [s["prediction"] for s in doc["samples"]] == [r["ocr_text"] for r in rows]
+    for row in rows:   # saved samples were never asked again; every sample was asked
+        assert stub.requests[row["ocr_text"]] == 1 if row["image_path"] in kept else stub.requests[row["ocr_text"]] >= 1
+    assert "DVC cannot track" in done.stderr and doc["server"]["managed"] is False
+    assert doc["server"]["models"]["data"][0]["id"] == MODEL
+
+
+def test_failed_fraction_above_the_limit_fails_the_stage(tiny_rows, tmp_path):
+    rows = tiny_rows[:5]
+    data = write_rows(tmp_path / "rows.json", rows)
+    out = tmp_path / "out.json"
+    with Stub(answers_for(rows), {rows[1]["ocr_text"]: ["500"] * 10}) as stub:
+        args = ["--vllm-url", stub.url, "--data-file", data, "--output-file", out, "--max-retries", 1,
+                "--timeout", 5, "--workers", 2]
+        line = one_line_error(run_evaluate(*args))
+        assert "1 of 5 samples failed" in line and "HTTP 500" in line
+        doc = json.loads(out.read_text(encoding="utf-8"))
+        assert doc["status"] == "failed" and doc["failed_count"] == 1
+        assert doc["samples"][1]["prediction"] is None and "HTTP 500" in doc["samples"][1]["error"]
+        assert [s["prediction"] for i, s in enumerate(doc["samples"]) if i != 1] == \
+            [r["ocr_text"] for i, r in enumerate(rows) if i != 1]
+        assert stub.requests[rows[1]["ocr_text"]] == 2
+        done = run_evaluate(*args, "--max-failure-rate", 0.25)   # within the limit: a result
+        assert done.returncode == 0, done.stderr
+        assert stub.requests[rows[0]["ocr_text"]] == 1            # resumed: only the failed one again
+    assert json.loads(out.read_text(encoding="utf-8"))["status"] == "complete"
+
+
+def test_bad_input_gives_one_line_errors(tiny_rows, tmp_path):
+    rows = tiny_rows[:3]
+    line = one_line_error(run_evaluate("--data-file", tmp_path / "missing.json", "--output-file", tmp_path / "o.json"))
+    assert "missing.json: file not found" in line
+
+    bad_image = tmp_path / "broken.png"
+    bad_image.write_bytes(b"not a png")
+    data = write_rows(tmp_path / "rows.json", rows + [{"image_path": str(bad_image), "ocr_text": "x"}])
+    line = one_line_error(run_evaluate("--data-file", data, "--output-file", tmp_path / "o.json"))
+    assert "row 3" in line and "broken.png" in line and "not a readable image" in line
+
+    data = write_rows(tmp_path / "ok.json", rows)
+    with Stub(answers_for(rows)) as stub:
+        line = one_line_error(run_evaluate("--vllm-url", stub.url, "--model-name", "gemma-12b",
+                                           "--data-file", data, "--output-file", tmp_path / "o.json"))
+        assert "model 'gemma-12b' is not served by" in line and MODEL in line
+        assert sum(stub.requests.values()) == 0
+    line = one_line_error(run_evaluate("--vllm-url", stub.url, "--data-file", data, "--output-file", tmp_path / "o.json"))
+    assert "/v1/models: no usable answer" in line
+
+    line = one_line_error(run_evaluate("--model-dir", tmp_path, "--data-file", data, "--output-file", tmp_path / "o.json"))
+    assert "not a model folder" in line
+    assert not (tmp_path / "o.json").exists()   # nothing half-written
+
+
+def test_tesseract_engine_uses_the_same_format(tiny_rows, tmp_path):
+    rows = tiny_rows[:3]
+    data = write_rows(tmp_path / "rows.json", rows)
+    out = tmp_path / "tesseract.json"
+    done = run_evaluate("--engine", "tesseract", "--data-file", data, "--output-file", out, "--workers", 2)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    assert FIELDS <= set(doc) and doc["engine"] == "tesseract" and doc["total_samples"] == 3
+    assert [s["image_path"] for s in doc["samples"]] == [r["image_path"] for r in rows]
+    assert all(SAMPLE_FIELDS <= set(s) and s["prediction"] for s in doc["samples"])
+    assert doc["overall_f1"] > 0.5   # Tesseract reads these rendered lines well
+
+
+def test_top_k_and_model_folder(tmp_path, tiny_base_dir):
+    assert top_k_arg("None") is None and top_k_arg("7") == 7
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "source.json").write_text(json.dumps({"model_name": str(tiny_base_dir)}))
+    assert Path(model_folder(base)) == Path(tiny_base_dir)   # evaluate_base serves what source.json names
+    assert model_folder(tiny_base_dir) == Path(tiny_base_dir)
