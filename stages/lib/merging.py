@@ -1,0 +1,288 @@
+"""The mechanics of the merge stage: pre-flight checks, the two merge paths, the finished folder,
+and the parity check (greedy decoding with the logits of every step).
+
+Memory: the peft path holds one 16-bit copy of the model. The base is memory-mapped from its
+safetensors, merge_and_unload() replaces each LoRA layer by its merged weight one at a time,
+and the merged folder is reloaded for the parity check only after the first copy is freed.
+"""
+import gc
+import json
+import shutil
+import struct
+from pathlib import Path
+
+from .cli import UserError
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+# Parity tolerance: max |merged - reference| over every logit of every step, divided by the
+# largest |reference logit|. Merging rounds W + BA once to the storage dtype, while the
+# reference adds the LoRA branch in float32 at run time: the gap is a few ulps of the dtype
+# (measured on the tiny model: bf16 1.7e-2, fp16 3e-3, fp32 7e-7), far below what a LoRA
+# left unmerged changes (the adapter's own effect was ~1.0-1.6 on the same scale).
+TOLERANCE = {"bfloat16": 5e-2, "float16": 1e-2, "float32": 1e-4}
+ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+            "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def pick_dtype(name):
+    """'auto' -> bf16 where the device supports it, else fp16. Never 4-bit: merging needs real weights."""
+    import torch
+
+    if name == "auto":
+        name = "float16" if torch.cuda.is_available() and not torch.cuda.is_bf16_supported() else "bfloat16"
+    return name, getattr(torch, name)
+
+
+# ---------------------------------------------------------------- pre-flight checks (no torch)
+
+def safetensors_header(path):
+    """{tensor name: (dtype, shape)} from a .safetensors header, without reading the weights."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    return {k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def check_base(base_dir):
+    """The base must be an ordinary 16/32-bit checkpoint: a pre-quantized (4-bit) one cannot be merged into."""
+    config = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))
+    quant = config.get("quantization_config")
+    if quant:
+        raise UserError(f"{base_dir}: the base is a quantized checkpoint ({quant.get('quant_method', '?')}); merging "
+                        "into 4-bit weights loses the adapter's precision: point model_name at the 16-bit original")
+    if not next(Path(base_dir).glob("*.safetensors"), None):
+        raise UserError(f"{base_dir}: no *.safetensors weights (convert the checkpoint to safetensors first)")
+    return config
+
+
+def merged_size_bytes(base_dir, element_bytes):
+    """The merged weights' size: every tensor of the base at `element_bytes` per element."""
+    total = 0
+    for path in Path(base_dir).glob("*.safetensors"):
+        for _, shape in safetensors_header(path).values():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n * element_bytes
+    return total
+
+
+def check_free_space(out_dir, needed, keep_free_gb):
+    """Refuse before any work when the output's filesystem lacks room for the merged model."""
+    probe = Path(out_dir).resolve()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    want = int(needed * 1.05) + int(keep_free_gb * 2**30)  # 5% for processor files and headers
+    if free < want:
+        raise UserError(f"{out_dir}: not enough disk space on {probe} ({free / 2**30:.2f} GiB free, the merged model "
+                        f"needs {needed / 2**30:.2f} GiB + 5% + {keep_free_gb:g} GiB kept free): free some space "
+                        "or lower --keep-free-gb")
+    return free
+
+
+def read_adapter(adapter_dir):
+    """adapter_config.json of a peft LoRA adapter, checked."""
+    adapter_dir = Path(adapter_dir)
+    config_path, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not config_path.is_file() or not weights.is_file():
+        raise UserError(f"{adapter_dir}: no LoRA adapter (adapter_config.json + adapter_model.safetensors; "
+                        "run `dvc repro train` first)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{config_path}: not valid JSON") from None
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"{config_path}: peft_type is {config.get('peft_type')!r}, only LORA adapters can be merged")
+    return config
+
+
+def check_adapter_fits(model, adapter_dir):
+    """Every adapter tensor must land on a module of this base with matching shapes.
+
+    peft itself only warns about adapter keys that match nothing, so an adapter trained on
+    another base could load half-applied; this refuses it instead."""
+    import torch
+
+    params, modules = dict(model.named_parameters()), dict(model.named_modules())
+    wrong = []
+    tensors = safetensors_header(Path(adapter_dir) / "adapter_model.safetensors")
+    for key, (_, shape) in sorted(tensors.items()):
+        name = key.removeprefix("base_model.model.")
+        for part in (".lora_A.weight", ".lora_B.weight"):
+            if name.endswith(part):
+                module = modules.get(name[: -len(part)])
+                if not isinstance(module, torch.nn.Linear):
+                    wrong.append(f"{name[: -len(part)]} is not a Linear layer of the base")
+                elif part == ".lora_A.weight" and shape[1] != module.in_features:
+                    wrong.append(f"{name} has {shape[1]} inputs, the base layer {module.in_features}")
+                elif part == ".lora_B.weight" and shape[0] != module.out_features:
+                    wrong.append(f"{name} has {shape[0]} outputs, the base layer {module.out_features}")
+                break
+        else:  # a fully trained module (modules_to_save): same parameter, same shape
+            if name not in params:
+                wrong.append(f"{name} is not a parameter of the base")
+            elif list(params[name].shape) != list(shape):
+                wrong.append(f"{name} is {list(shape)}, the base's {list(params[name].shape)}")
+        if wrong:
+            break
+    if wrong:
+        raise UserError(f"{adapter_dir}: the adapter does not fit this base ({wrong[0]}): was it trained on "
+                        "another model? Re-run `dvc repro train` on this base")
+    return len(tensors)
+
+
+# ---------------------------------------------------------------- parity
+
+def greedy_with_logits(model, processor, images, instruction, max_new_tokens):
+    """Per image: (generated token ids, float32 logits of every step [steps, vocab]) on the CPU."""
+    import torch
+
+    from .prompt import user_turn
+
+    text = processor.apply_chat_template([user_turn(instruction)], add_generation_prompt=True, tokenize=False)
+    model.eval()
+    runs = []
+    for image in images:
+        inputs = processor(text=[text], images=[[image]], return_tensors="pt", add_special_tokens=False)
+        inputs = inputs.to(model.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        with torch.no_grad():
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
+                                 output_logits=True, return_dict_in_generate=True)
+        tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+        runs.append((tokens, torch.stack(out.logits)[:, 0].float().cpu()))
+    return runs
+
+
+def max_relative_gap(reference, other):
+    """max |other - reference| / max |reference| over the steps both runs share (equal prefixes)."""
+    gap = scale = 0.0
+    for (ref_tokens, ref_logits), (tokens, logits) in zip(reference, other):
+        same = next((i for i, (a, b) in enumerate(zip(ref_tokens, tokens)) if a != b), min(len(ref_tokens), len(tokens)))
+        steps = min(same + 1, len(ref_logits), len(logits))  # up to and including the first divergence
+        gap = max(gap, (ref_logits[:steps] - logits[:steps]).abs().max().item())
+        scale = max(scale, ref_logits.abs().max().item())
+    return gap / max(scale, 1e-12)
+
+
+def vision_lora_off(peft_model):
+    """Context: the vision tower's LoRA layers disabled (to measure what the parity check would see)."""
+    from contextlib import contextmanager
+
+    from peft.tuners.lora import LoraLayer
+
+    @contextmanager
+    def ctx():
+        layers = [m for n, m in peft_model.named_modules() if ".vision_tower." in n and isinstance(m, LoraLayer)]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield len(layers)
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+    return ctx()
+
+
+# ---------------------------------------------------------------- merging
+
+def load_base(base_dir, torch_dtype):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    extra = {"device_map": "cuda"} if torch.cuda.is_available() else {}
+    return AutoModelForImageTextToText.from_pretrained(str(base_dir), dtype=torch_dtype, **extra)
+
+
+def reference_runs(base_dir, adapter_dir, torch_dtype, processor, images, instruction, max_new_tokens):
+    """Base + adapter (unmerged) in the merge dtype: the runs the merged model must reproduce.
+
+    Also the base alone and the base with the vision LoRA off, whose gaps show how large a
+    difference a missing adapter (or an unmerged vision tower) makes on the same scale.
+    Returns (peft model, reference runs, figures)."""
+    from peft import PeftModel
+
+    model = load_base(base_dir, torch_dtype)
+    n_tensors = check_adapter_fits(model, adapter_dir)
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    reference = greedy_with_logits(peft_model, processor, images, instruction, max_new_tokens)
+    with peft_model.disable_adapter():
+        base_runs = greedy_with_logits(peft_model, processor, images, instruction, max_new_tokens)
+    with vision_lora_off(peft_model) as n_vision:
+        no_vision = greedy_with_logits(peft_model, processor, images, instruction, max_new_tokens) if n_vision else None
+    figures = {
+        "adapter_tensors": n_tensors,
+        "vision_lora_layers": n_vision,
+        "adapter_effect": max_relative_gap(reference, base_runs),
+        "vision_lora_effect": max_relative_gap(reference, no_vision) if no_vision else 0.0,
+    }
+    return peft_model, reference, figures
+
+
+def merge_with_peft(peft_model, out_dir):
+    """peft's merge: each LoRA layer's W += scale * B @ A in place, then save as safetensors."""
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(str(out_dir))
+
+
+def merge_with_unsloth(base_dir, adapter_dir, out_dir, torch_dtype, processor):
+    """The GPU path: unsloth's own 16-bit merged save (not exercised on CPU machines).
+
+    unsloth loads the base named in adapter_config.json, so a copy of the adapter config that
+    names `base_dir` is used: the merge cannot silently pick another base."""
+    import tempfile
+
+    from unsloth import FastVisionModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = str(Path(base_dir).resolve())
+        (Path(tmp) / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
+        (Path(tmp) / "adapter_model.safetensors").symlink_to(Path(adapter_dir, "adapter_model.safetensors").resolve())
+        model, _ = FastVisionModel.from_pretrained(tmp, load_in_4bit=False, dtype=torch_dtype)
+        model.save_pretrained_merged(str(out_dir), processor, save_method="merged_16bit")
+        del model
+    free_memory()
+
+
+def finish_folder(out_dir, base_config, processor):
+    """What servers need beside the weights, each a known failure of merged Gemma 3 folders:
+    the base's `architectures`, a generation config stopping at <end_of_turn>, the processor
+    (image processor + tokenizer) and the chat template. Returns the list of files written."""
+    from transformers import GenerationConfig
+
+    out_dir = Path(out_dir)
+    for stale in out_dir.glob("*.bin"):  # safetensors only: vLLM and transformers prefer them
+        stale.unlink()
+    if not next(out_dir.glob("*.safetensors"), None):
+        raise UserError(f"{out_dir}: the merge wrote no safetensors weights")
+    config_path = out_dir / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["architectures"] = base_config.get("architectures") or ["Gemma3ForConditionalGeneration"]
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+    processor.save_pretrained(str(out_dir))
+    if not getattr(processor, "chat_template", None):
+        raise UserError("models/lora and the base have no chat template (the server could not build prompts)")
+    tokenizer = processor.tokenizer
+    try:
+        generation = GenerationConfig.from_pretrained(str(out_dir))
+    except OSError:
+        generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+    eos = generation.eos_token_id if generation.eos_token_id is not None else tokenizer.eos_token_id
+    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id and end_of_turn not in eos:
+        eos.append(end_of_turn)  # a chat answer ends with <end_of_turn>, not <eos>
+    generation.eos_token_id = eos
+    generation.save_pretrained(str(out_dir))
+    return sorted(p.name for p in out_dir.iterdir())
+
+
+def free_memory():
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

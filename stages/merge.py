@@ -1,0 +1,154 @@
+"""merge: models/base + models/lora -> models/merged/ (one 16-bit model folder) + metrics/merge.json.
+
+    python -m stages.merge [--base models/base] [--adapter models/lora] [--out models/merged]
+                           [--dtype auto|bfloat16|float16|float32] [--samples 4] [--keep-free-gb 1]
+
+vLLM serves one merged folder best, and merged Gemma 3 folders have failed in known ways; each
+has a guard here:
+- merged into 4-bit weights: the base is always loaded in 16-bit (bf16, or fp16 where a GPU
+  lacks bf16), whatever `load_in_4bit` training used; a pre-quantized base is refused.
+- vision LoRA left unmerged, or a merge that is wrong in any other way: the parity check. On a
+  handful of validation images (data/input/ocr_non_test.json, the same validation split as
+  training; rendered lines when the file is absent) the merged folder, reloaded from disk, must
+  decode greedily exactly like base + adapter, with every step's logits within a tolerance
+  (relative to the largest logit; per dtype, see stages/lib/merging.py TOLERANCE). A failure
+  fails the stage and leaves no models/merged/. metrics/merge.json also records how far the
+  adapter, and the vision LoRA alone, move the logits on the same scale: when those are far
+  above the tolerance, an unmerged adapter cannot pass unnoticed.
+- wrong `architectures`, missing processor / chat template / generation config: written and
+  checked by merging.finish_folder.
+- a disk check tied to one host path: free space is measured on the output's own filesystem,
+  against the base's real size at the merge dtype, before anything is loaded.
+Merging: unsloth's 16-bit merged save on CUDA with unsloth (params `backend`), peft's
+merge_and_unload otherwise. Peak memory stays near one 16-bit copy (bench/bench_merge.py).
+The folder loads with AutoModelForImageTextToText/AutoProcessor and `transformers serve`.
+"""
+import argparse
+import random
+import time
+from pathlib import Path
+
+from .lib import merging as M
+from .lib import params as P
+from .lib.cli import UserError, run_main
+from .lib.io import atomic_dir, atomic_write_json, read_split
+
+SERIF = "NotoSerifCJK-Regular.ttc:Noto Serif CJK TC"
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default="models/base", help="the base stage's folder (or a model folder)")
+    ap.add_argument("--adapter", default="models/lora", help="peft LoRA adapter + processor files")
+    ap.add_argument("--out", default="models/merged")
+    ap.add_argument("--metrics", default="metrics/merge.json")
+    ap.add_argument("--rows", default="data/input/ocr_non_test.json", help="parity images: its validation split")
+    ap.add_argument("--samples", type=int, default=4, help="images in the parity check")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="greedy steps compared per image")
+    ap.add_argument("--dtype", choices=M.DTYPES, default="auto",
+                    help="merge dtype: auto = bf16 (fp16 on GPUs without bf16); float32 only for exact checks")
+    ap.add_argument("--tolerance", type=float, default=None, help="relative logit tolerance (default: per dtype)")
+    ap.add_argument("--keep-free-gb", type=float, default=1.0, help="disk space to leave free after the merge")
+    args = ap.parse_args(argv)
+    for name in ("samples", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.keep_free_gb < 0 or (args.tolerance is not None and args.tolerance <= 0):
+        raise UserError("--keep-free-gb must be >= 0 and --tolerance > 0")
+    return args
+
+
+def parity_images(rows_path, n, val_ratio, seed):
+    """The first n validation images (training's own split), or n rendered lines without a split file."""
+    from .lib.synthetic import random_line, render_line
+    from .lib.training import load_rgb, split_train_val
+
+    if not Path(rows_path).is_file():
+        print(f"note: {rows_path} not found: the parity check uses {n} rendered lines")
+        return [render_line(random_line(rng), SERIF, 24, 128, rng) for rng in (random.Random(i) for i in range(n))]
+    rows = read_split(rows_path)
+    if len(rows) >= 2:
+        rows = split_train_val(rows, val_ratio, seed)[1]
+    for row in rows[:n]:
+        if not Path(row["image_path"]).is_file():
+            raise UserError(f"{rows_path}: image '{row['image_path']}' does not exist")
+    return [load_rgb(row["image_path"]) for row in rows[:n]]
+
+
+def load_processor(adapter_dir, base_dir):
+    """Training saves the processor (tokenizer, image processor, chat template) beside the adapter."""
+    from transformers import AutoProcessor
+
+    for folder in (adapter_dir, base_dir):
+        try:
+            return AutoProcessor.from_pretrained(str(folder))
+        except (OSError, ValueError, KeyError):
+            continue
+    raise UserError(f"{adapter_dir}: no processor files here nor in {base_dir} (tokenizer, image processor)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    params = P.load_params()
+    instruction, backend = P.get(params, "instruction", str), P.get(params, "backend", str)
+    val_ratio, seed = P.get(params, "val_ratio", float, minimum=0.0), P.get(params, "seed", int)
+
+    # Pre-flight, before anything heavy: inputs, then disk space.
+    from .lib.modeling import resolve_base_dir
+    from .lib.training import choose_backend
+
+    base_dir = resolve_base_dir(args.base)
+    base_config = M.check_base(base_dir)
+    M.read_adapter(args.adapter)
+    dtype_name, torch_dtype = M.pick_dtype(args.dtype)
+    tolerance = args.tolerance or M.TOLERANCE[dtype_name]
+    size = M.merged_size_bytes(base_dir, torch_dtype.itemsize)
+    M.check_free_space(args.out, size, args.keep_free_gb)
+    backend = choose_backend({"backend": backend})
+    images = parity_images(args.rows, args.samples, val_ratio, seed)
+    processor = load_processor(args.adapter, base_dir)
+
+    start = time.time()
+    with atomic_dir(args.out) as tmp:
+        # 1. Reference: base + adapter, unmerged, in the merge dtype.
+        peft_model, reference, figures = M.reference_runs(
+            base_dir, args.adapter, torch_dtype, processor, images, instruction, args.max_new_tokens)
+        # 2. Merge and save (one copy of the model in memory at a time).
+        if backend == "unsloth":
+            del peft_model
+            M.free_memory()
+            M.merge_with_unsloth(base_dir, args.adapter, tmp, torch_dtype, processor)
+        else:
+            M.merge_with_peft(peft_model, tmp)
+            del peft_model
+            M.free_memory()
+        files = M.finish_folder(tmp, base_config, processor)
+        # 3. Parity: the folder as a server will load it, processor included.
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        merged = M.load_base(tmp, torch_dtype)
+        runs = M.greedy_with_logits(merged, AutoProcessor.from_pretrained(str(tmp)), images, instruction,
+                                    args.max_new_tokens)
+        saved_dtype, architectures = str(merged.dtype).removeprefix("torch."), merged.config.architectures
+        del merged
+        M.free_memory()
+        mismatches = sum(ref[0] != run[0] for ref, run in zip(reference, runs))
+        gap = M.max_relative_gap(reference, runs)
+        passed = mismatches == 0 and gap <= tolerance
+        metrics = {
+            "passed": passed, "backend": backend, "dtype": dtype_name, "saved_dtype": saved_dtype,
+            "architectures": architectures, "samples": len(images), "max_new_tokens": args.max_new_tokens,
+            "greedy_mismatches": mismatches, "max_relative_logit_gap": gap, "tolerance": tolerance,
+            **figures, "merged_size_bytes": size, "seconds": round(time.time() - start, 1), "files": files,
+        }
+        atomic_write_json(args.metrics, metrics)
+        if not passed:
+            raise UserError(f"parity check failed: {mismatches}/{len(images)} greedy outputs differ, logit gap "
+                            f"{gap:.3g} (tolerance {tolerance:g}); models/merged not written (see {args.metrics})")
+    print(f"merged -> {args.out} ({dtype_name}, {size / 2**20:.1f} MiB): greedy identical on {len(images)} images, "
+          f"logit gap {gap:.3g} <= {tolerance:g}; adapter effect {figures['adapter_effect']:.3g}, "
+          f"vision LoRA {figures['vision_lora_effect']:.3g}")
+
+
+if __name__ == "__main__":
+    run_main(main)
