@@ -1,0 +1,344 @@
+"""analyze: search figures, error analysis and the results summary (the pipeline's last stage).
+
+As the DVC stage (`python -m stages.analyze`, defaults from params.yaml `analyze:` and
+`search.study_name`) it writes:
+  plots/analysis/search_*.png      optimization history, parameter importance, parallel
+                                   coordinates, pruning curves (intermediate eval_loss per trial)
+  plots/analysis/search_*.html     the same, interactive, only where plotly is installed
+  plots/analysis/search_history.csv  trial, state, value, best_value (a DVC plot)
+  plots/analysis/errors_*.png      CER by label length, per-sample CER histogram, top edit errors
+  plots/analysis/train_loss.png    train and eval loss from the train stage's dvclive files
+  reports/errors.html              the worst N samples: embedded image, label, prediction,
+                                   character diff; empty predictions; top confusions (offline)
+  reports/errors.json              the same analysis as data, per model
+  reports/top_trials.md            the top-N trials of the study
+  metrics/summary.md               base / fine-tuned / Tesseract CER and F1 with 95% intervals,
+                                   and the search's best values (the README includes it)
+
+For any study (the original's analyze_hyperparam_results.py), only the search part:
+  python -m stages.analyze --study-name S [--compare S2 S3] [--output-dir D] [--storage URL]
+The storage defaults to the pipeline's sqlite:///models/search/study.db (read from a copy,
+never modified); the output dir to reports/study-S/. `--compare` loads the named studies from
+the same storage and draws them on the history and importance figures with S. A study with too
+few complete trials for importance gets a figure that says so, and the command says so too.
+"""
+import argparse
+import csv
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .lib import params as P
+from .lib import report, study as S
+from .lib.cli import UserError, run_main
+from .lib.figures import new_figure, save_figure
+from .lib.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
+
+PLOT_DIR = "plots/analysis"
+REPORT_DIR = "reports"
+SUMMARY = "metrics/summary.md"
+STORAGE = "sqlite:///models/search/study.db"
+BEST_PARAMS = "models/search/best_params.json"
+SCORE = "metrics/score.json"
+TRAIN_METRICS = "metrics/train.json"
+TRAIN_PLOTS = "plots/train"
+RESULTS = {"fine-tuned": "results/finetuned_norm.json", "base": "results/base_norm.json",
+           "tesseract": "results/tesseract_norm.json"}
+MODEL_COLORS = {"fine-tuned": "tab:blue", "base": "tab:gray", "tesseract": "tab:green"}
+
+
+# ---------------------------------------------------------------- search
+
+def analyze_study(storage, names, out_dir, top_n):
+    """The search figures and the top-N table for studies `names` (the first is the main one).
+    Returns the Markdown table and the notes (figures that could not be drawn, and why)."""
+    out_dir = Path(out_dir)
+    with S.readonly_storage(storage) as url:
+        studies = S.load_studies(url, names, shown=storage)
+        main = studies[0]
+        notes = list(S.plot_importances(studies, out_dir / "search_importance.png"))
+        for note in (S.plot_history(studies, out_dir / "search_history.png"),
+                     S.plot_parallel(main, out_dir / "search_parallel_coordinate.png"),
+                     S.plot_pruning_curves(main, out_dir / "search_pruning_curves.png")):
+            if note:
+                notes.append(note)
+        atomic_write_text(out_dir / "search_history.csv", S.history_csv(main))
+        S.write_html_figures(studies, out_dir)
+        table = "\n".join(S.top_trials_markdown(s, top_n) for s in studies)
+        counts = S.state_counts(main)
+    return table, notes, counts
+
+
+# ---------------------------------------------------------------- errors
+
+def load_results(paths):
+    """{display name: scored result} for the files that exist; the fine-tuned one must."""
+    results = {}
+    for name, path in paths.items():
+        if name != "fine-tuned" and not Path(path).is_file():
+            continue
+        results[name] = report.check_result(read_json(path), path)
+    return results
+
+
+def plot_cer_by_length(analyses, path):
+    fig, ax = new_figure(9, 4.5)
+    for name, analysis in analyses.items():
+        buckets = analysis["cer_by_length"]
+        ax.plot([b["low"] for b in buckets], [b["cer"] for b in buckets], marker="o", label=name,
+                color=MODEL_COLORS.get(name))
+    main = next(iter(analyses.values()))["cer_by_length"]
+    for b in main:
+        ax.annotate(f"n={b['samples']}", (b["low"], b["cer"]), textcoords="offset points", xytext=(0, 7),
+                    ha="center", fontsize=7, color="tab:blue")
+    ax.set_xticks([b["low"] for b in main], [b["bucket"] for b in main])
+    ax.set_xlabel("label length (normalized characters)")
+    ax.set_ylabel("CER (summed edits / summed label length)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("CER by label length")
+    ax.legend()
+    save_figure(fig, path)
+
+
+def plot_cer_histogram(analyses, path):
+    fig, ax = new_figure(9, 4.5)
+    cers = {name: [r["cer"] for r in a["_scored"]] for name, a in analyses.items()}
+    top = max(1.0, max((max(v, default=0) for v in cers.values()), default=1.0))
+    width = top / 25
+    bins = [i * width for i in range(26)]
+    for name, values in cers.items():
+        clipped = [min(v, top) for v in values]
+        ax.hist(clipped, bins=bins, histtype="step", lw=2, label=f"{name} (n={len(values)})",
+                color=MODEL_COLORS.get(name))
+    ax.set_xlabel("per-sample CER")
+    ax.set_ylabel("samples")
+    ax.set_title("Per-sample CER")
+    ax.legend()
+    save_figure(fig, path)
+
+
+def plot_top_edits(analysis, path, k=15):
+    """The k most frequent character errors of one model as horizontal bars."""
+    items = [(f"{s['label']} → {s['prediction']}", s["count"], "tab:purple") for s in analysis["substitutions"]]
+    items += [(f"missed {s['label']}", s["count"], "tab:red") for s in analysis["deletions"]]
+    items += [(f"extra {s['prediction']}", s["count"], "tab:green") for s in analysis["insertions"]]
+    items = sorted(items, key=lambda t: -t[1])[:k][::-1]
+    fig, ax = new_figure(8, 1.2 + 0.32 * max(len(items), 3))
+    if items:
+        bars = ax.barh(range(len(items)), [c for _, c, _ in items], color=[col for *_, col in items])
+        ax.bar_label(bars, padding=2, fontsize=8)
+        ax.set_yticks(range(len(items)), [label for label, _, _ in items])
+    else:
+        ax.text(0.5, 0.5, "no character errors", ha="center", va="center", transform=ax.transAxes)
+        ax.set_yticks([])
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("occurrences (normalized text)")
+    ax.set_title(f"Most frequent character errors: {analysis['model_name'] or 'fine-tuned'} "
+                 "(purple substituted, red missed, green extra)")
+    save_figure(fig, path)
+
+
+# ---------------------------------------------------------------- training curves
+
+def read_tsv_series(path):
+    """(steps, values) from a dvclive metric file (step<TAB>value columns)."""
+    with open(path, encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    if len(rows) < 2:
+        return [], []
+    header = rows[0]
+    col = len(header) - 1
+    steps, values = [], []
+    for row in rows[1:]:
+        try:
+            steps.append(float(row[header.index("step")]))
+            values.append(float(row[col]))
+        except (ValueError, IndexError):
+            continue
+    return steps, values
+
+
+def plot_loss_curves(train_tsv, eval_tsv, path):
+    fig, ax = new_figure(9, 4.5)
+    drawn = False
+    for label, tsv, style in (("train loss", train_tsv, "-"), ("eval loss", eval_tsv, "o-")):
+        if tsv and Path(tsv).is_file():
+            steps, values = read_tsv_series(tsv)
+            if steps:
+                ax.plot(steps, values, style, label=label, ms=4)
+                drawn = True
+    if not drawn:
+        ax.text(0.5, 0.5, "no loss curves found", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.legend()
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title("Final training: loss")
+    save_figure(fig, path)
+
+
+# ---------------------------------------------------------------- summary
+
+def interval(block, key):
+    """The 95% bootstrap interval that scoring stored for `key` (KEY_ci95_low/high), or None."""
+    low, high = block.get(f"{key}_ci95_low"), block.get(f"{key}_ci95_high")
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)):
+        return low, high
+    return None
+
+
+def _figure(block, key):
+    value = block.get(key)
+    if not isinstance(value, (int, float)):
+        return "n/a"
+    ci = interval(block, key)
+    return f"{value:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else f"{value:.4f}"
+
+
+def _number(value):
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
+
+
+def summary_markdown(score, best, counts, train):
+    """metrics/summary.md: the results table and the search's best values."""
+    rows = [("base (no fine-tuning)", score.get("baselines", {}).get("base")), ("fine-tuned", score),
+            ("Tesseract", score.get("baselines", {}).get("tesseract"))]
+    lines = ["| model | CER [95% CI] | F1 [95% CI] | exact match | empty predictions | samples |",
+             "|---|---|---|---|---|---|"]
+    for name, block in rows:
+        if isinstance(block, dict):
+            cells = [name, _figure(block, "overall_cer"), _figure(block, "overall_f1"),
+                     _number(block.get("exact_match")), block.get("empty_predictions", "n/a"),
+                     block.get("total_samples", "n/a")]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += ["", "CER: summed edit distance / summed reference length on normalized text (may exceed 1); "
+              "F1: mean per-sample bag-of-characters F1; intervals: seeded bootstrap.", ""]
+    lines += search_summary(best, counts)
+    if isinstance(train, dict) and train:
+        shown = {k: v for k, v in train.items() if isinstance(v, (int, float)) and "loss" in k}
+        if shown:
+            lines += ["", "Final training: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def search_summary(best, counts):
+    if not isinstance(best, dict) or best.get("skipped"):
+        return ["Hyperparameter search: skipped (search.n_trials is 0); training used params.yaml."]
+    counts_text = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) if counts else "no trials"
+    params = best.get("params") or {}
+    value = best.get("value")
+    value_text = f"{value:.6g}" if isinstance(value, (int, float)) else "n/a"
+    lines = [f"Hyperparameter search `{best.get('study_name', '')}`: {counts_text}; best trial "
+             f"#{best.get('trial', 'n/a')}, objective {value_text}.", ""]
+    if params:
+        lines += ["| parameter | best value |", "|---|---|"]
+        lines += [f"| {k} | {S.format_value(v)} |" for k, v in sorted(params.items())]
+    return lines
+
+
+# ---------------------------------------------------------------- main
+
+def parse_args(argv, params):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study-name", help="analyze only this study (the original's analyze_hyperparam_results)")
+    parser.add_argument("--compare", nargs="+", default=[], metavar="STUDY", help="more studies on the same figures")
+    parser.add_argument("--storage", default=None, help=f"Optuna storage URL (default {STORAGE})")
+    parser.add_argument("--output-dir", default=None, help="where the study figures go (default reports/study-NAME)")
+    parser.add_argument("--top-n", type=int, default=P.get(params, "analyze.top_n", int, minimum=1))
+    parser.add_argument("--worst-n", type=int, default=P.get(params, "analyze.worst_n", int, minimum=1))
+    parser.add_argument("--top-k-errors", type=int, default=P.get(params, "analyze.top_k_errors", int, minimum=1))
+    parser.add_argument("--length-bucket", type=int, default=P.get(params, "analyze.length_bucket", int, minimum=1))
+    args = parser.parse_args(argv)
+    for flag in ("top_n", "worst_n", "top_k_errors", "length_bucket"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if not args.study_name:
+        for flag in ("compare", "storage", "output_dir"):
+            if getattr(args, flag):
+                raise UserError(f"--{flag.replace('_', '-')} goes with --study-name (the stage's own paths are fixed)")
+    return args
+
+
+def run_study_only(args):
+    """The original's analyze_hyperparam_results: figures and top_trials.md for named studies.
+    Built in a temp folder, then moved file by file into the output dir (other files there stay)."""
+    out_dir = Path(args.output_dir or f"{REPORT_DIR}/study-{args.study_name}")
+    names = list(dict.fromkeys([args.study_name, *args.compare]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".analyze-"))
+    try:
+        table, notes, _ = analyze_study(args.storage or STORAGE, names, tmp, args.top_n)
+        atomic_write_text(tmp / "top_trials.md", table)
+        for path in sorted(tmp.iterdir()):
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for note in notes:
+        print(f"analyze: note: {note}")
+    print(f"analyze: figures and top_trials.md for {', '.join(names)} -> {out_dir}/")
+
+
+def read_stage_inputs(params):
+    """Everything the stage reads, checked before anything is written."""
+    best = read_json(BEST_PARAMS)
+    if not isinstance(best, dict):
+        raise UserError(f"{BEST_PARAMS}: expected an object")
+    score = read_json(SCORE)
+    if not isinstance(score, dict):
+        raise UserError(f"{SCORE}: expected an object")
+    train = read_json(TRAIN_METRICS) if Path(TRAIN_METRICS).is_file() else {}
+    return {"study_name": P.get(params, "search.study_name", str), "best": best, "score": score,
+            "train": train if isinstance(train, dict) else {}, "results": load_results(RESULTS)}
+
+
+def run_stage(args, params):
+    """The DVC stage: plots/analysis/ and reports/ are built in temp folders and replace the old
+    ones only when everything succeeded; metrics/summary.md is written last."""
+    inputs = read_stage_inputs(params)
+    best = inputs["best"]
+    counts, notes = {}, []
+    analyses = {name: report.analyze_result(res, top_k=args.top_k_errors, length_width=args.length_bucket)
+                for name, res in inputs["results"].items()}
+    with atomic_dir(PLOT_DIR) as plot_dir, atomic_dir(REPORT_DIR) as report_dir:
+        if best.get("skipped"):
+            table = "Hyperparameter search skipped (search.n_trials is 0): no study to analyze.\n"
+            S.skipped_search_figures(plot_dir, "Search skipped (search.n_trials is 0).")
+        else:
+            table, notes, counts = analyze_study(STORAGE, [inputs["study_name"]], plot_dir, args.top_n)
+        plot_cer_by_length(analyses, plot_dir / "errors_cer_by_length.png")
+        plot_cer_histogram(analyses, plot_dir / "errors_cer_histogram.png")
+        plot_top_edits(analyses["fine-tuned"], plot_dir / "errors_top_edits.png", k=args.top_k_errors)
+        plot_loss_curves(*find_loss_files(TRAIN_PLOTS), plot_dir / "train_loss.png")
+        atomic_write_text(report_dir / "errors.html", report.errors_html(analyses, args.worst_n))
+        atomic_write_json(report_dir / "errors.json", report.analysis_json(analyses))
+        atomic_write_text(report_dir / "top_trials.md", table)
+    atomic_write_text(SUMMARY, summary_markdown(inputs["score"], best, counts, inputs["train"]))
+    for note in notes:
+        print(f"analyze: note: {note}")
+    ft = analyses["fine-tuned"]
+    print(f"analyze: {ft['scored_samples']} samples, {ft['empty_predictions']['count']} empty predictions -> "
+          f"{PLOT_DIR}/, {REPORT_DIR}/errors.html, {SUMMARY}")
+
+
+def find_loss_files(train_dir):
+    """dvclive's train and eval loss files under the train stage's plot folder, or None."""
+    found = {}
+    for path in sorted(Path(train_dir).rglob("loss.tsv")) if Path(train_dir).is_dir() else []:
+        kind = path.parent.name
+        if kind in ("train", "eval"):
+            found.setdefault(kind, path)
+    return found.get("train"), found.get("eval")
+
+
+def main(argv=None):
+    params = P.load_params()
+    args = parse_args(argv, params)
+    if args.study_name:
+        run_study_only(args)
+    else:
+        run_stage(args, params)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,289 @@
+"""Optuna study analysis: load studies read-only, draw the search figures, the top-N trials table.
+
+Figures are matplotlib PNGs (useful offline); `write_html_figures` adds optuna's plotly figures as
+self-contained HTML only when plotly is importable. Comparing studies (`studies` lists with more
+than one entry) puts them on one figure for the optimization history and the importances; the
+parallel coordinates and pruning curves are drawn for the first (main) study.
+"""
+import importlib.util
+import shutil
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from .cli import UserError
+from .io import atomic_write_text
+from .figures import new_figure, pyplot, placeholder_figure, save_figure
+
+MIN_TRIALS_FOR_IMPORTANCE = 2
+STATE_COLORS = {"COMPLETE": "tab:blue", "PRUNED": "tab:orange", "FAIL": "tab:red", "RUNNING": "tab:gray",
+                "WAITING": "tab:gray"}
+
+
+def _optuna():
+    pyplot()  # Agg backend and fonts before optuna draws anything
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna
+
+
+@contextmanager
+def readonly_storage(storage):
+    """Yield a storage URL safe to read. A SQLite file is copied to a temp folder first: opening
+    it with optuna can write to it (schema checks), and it is a DVC-tracked input. A missing
+    SQLite file is an error (optuna would silently create an empty one)."""
+    if not storage.startswith("sqlite:///"):
+        yield storage
+        return
+    path = Path(storage[len("sqlite:///"):])
+    if not path.is_file():
+        raise UserError(f"{path}: study database not found (run the search stage, or pass --storage)")
+    tmp = Path(tempfile.mkdtemp(prefix="analyze-study-"))
+    try:
+        shutil.copy2(path, tmp / path.name)
+        yield f"sqlite:///{tmp / path.name}"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_studies(storage, names, shown=None):
+    """Load each named study from `storage` (called `shown` in messages); an unknown name lists
+    the ones that exist."""
+    shown = redact(shown or storage)
+    optuna = _optuna()
+    try:
+        existing = optuna.study.get_all_study_names(storage=storage)
+    except Exception as err:  # sqlalchemy / driver errors come in many types
+        raise UserError(f"storage {shown}: cannot open ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    studies = []
+    for name in names:
+        if name not in existing:
+            raise UserError(f"study '{name}' not found in {shown} (studies there: {', '.join(existing) or 'none'})")
+        study = optuna.load_study(study_name=name, storage=storage)
+        if len(study.directions) != 1:
+            raise UserError(f"study '{name}': multi-objective studies are not supported")
+        studies.append(study)
+    return studies
+
+
+def redact(url):
+    """Hide a password in a database URL before printing it."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+def objective_name(study):
+    names = getattr(study, "metric_names", None)
+    if names:
+        return names[0]
+    settings = study.user_attrs.get("ocr_search")  # written by the search stage (search_study.SETTINGS_ATTR)
+    if isinstance(settings, dict) and settings.get("objective"):
+        return str(settings["objective"])
+    return str(study.user_attrs.get("objective", "objective value"))
+
+
+def state_counts(study):
+    counts = {}
+    for trial in study.trials:
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    return counts
+
+
+def complete_trials(study):
+    optuna = _optuna()
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def ranked_trials(study):
+    """Complete trials, best first."""
+    reverse = study.direction.name == "MAXIMIZE"
+    return sorted(complete_trials(study), key=lambda t: (-t.value if reverse else t.value, t.number))
+
+
+def top_trials_markdown(study, top_n):
+    """A Markdown section: trial counts by state and the best `top_n` complete trials."""
+    counts = state_counts(study)
+    total = sum(counts.values())
+    count_text = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "none"
+    lines = [f"## Study `{study.study_name}`", "",
+             f"{total} trials ({count_text}); objective: {objective_name(study)} "
+             f"({study.direction.name.lower()}).", ""]
+    ranked = ranked_trials(study)[:top_n]
+    if not ranked:
+        return "\n".join(lines + ["No complete trials yet.", ""])
+    param_names = sorted({k for t in ranked for k in t.params})
+    lines.append("| rank | trial | " + objective_name(study) + " | " + " | ".join(param_names) + " | duration (s) |")
+    lines.append("|---" * (4 + len(param_names)) + "|")
+    for rank, trial in enumerate(ranked, 1):
+        cells = [str(rank), str(trial.number), f"{trial.value:.6g}"]
+        cells += [format_value(trial.params.get(k, "")) for k in param_names]
+        duration = trial.duration.total_seconds() if trial.duration else None
+        cells.append(f"{duration:.1f}" if duration is not None else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""])
+
+
+def format_value(value):
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def history_csv(study):
+    """Plot data for DVC: each complete trial's value and the best value so far, by trial number
+    (pruned and failed trials have no objective value; the PNG figures show them)."""
+    rows = ["trial,value,best_value"]
+    best = None
+    sign = -1 if study.direction.name == "MAXIMIZE" else 1
+    for trial in sorted(complete_trials(study), key=lambda t: t.number):
+        best = trial.value if best is None or sign * trial.value < sign * best else best
+        rows.append(f"{trial.number},{trial.value},{best}")
+    return "\n".join(rows) + "\n"
+
+
+SEARCH_FIGURES = ("search_history.png", "search_importance.png", "search_parallel_coordinate.png",
+                  "search_pruning_curves.png")
+
+
+def skipped_search_figures(out_dir, reason):
+    """Placeholders (and an empty history) when there is no study, so every figure still exists."""
+    for name in SEARCH_FIGURES:
+        placeholder_figure(Path(out_dir) / name, name[:-4].replace("_", " "), reason)
+    atomic_write_text(Path(out_dir) / "search_history.csv", "trial,value,best_value\n")
+
+
+def plot_history(studies, path):
+    """Objective value per trial and the best so far; several studies share the axes."""
+    _optuna()
+    from optuna.visualization import matplotlib as om
+
+    if not any(complete_trials(s) for s in studies):
+        return placeholder_figure(path, "Optimization history", "No complete trials yet.")
+    target = objective_name(studies[0])
+    ax = om.plot_optimization_history(studies if len(studies) > 1 else studies[0], target_name=target)
+    names = ", ".join(s.study_name for s in studies)
+    ax.set_title(f"Optimization history: {names}")
+    ax.figure.set_size_inches(9, 5)
+    save_figure(ax.figure, path)
+    return None
+
+
+def importances(study):
+    """(dict param -> importance, None) or (None, reason) when the study cannot support it."""
+    optuna = _optuna()
+    trials = complete_trials(study)
+    if len(trials) < MIN_TRIALS_FOR_IMPORTANCE:
+        return None, (f"{study.study_name}: {len(trials)} complete trial(s); parameter importance needs "
+                      f"at least {MIN_TRIALS_FOR_IMPORTANCE}")
+    try:
+        return optuna.importance.get_param_importances(study), None
+    except (ValueError, RuntimeError) as err:
+        return None, f"{study.study_name}: parameter importance not available ({str(err).splitlines()[0]})"
+
+
+def plot_importances(studies, path):
+    """Grouped horizontal bars: one group per parameter, one bar per study. Returns the notes
+    (studies left out and why)."""
+    results = [(s.study_name, *importances(s)) for s in studies]
+    notes = [reason for _, imp, reason in results if imp is None]
+    usable = [(name, imp) for name, imp, _ in results if imp is not None]
+    if not usable:
+        placeholder_figure(path, "Parameter importance", "\n".join(notes))
+        return notes
+    params = sorted({p for _, imp in usable for p in imp}, key=lambda p: max(imp.get(p, 0) for _, imp in usable))
+    fig, ax = new_figure(8, 1.2 + 0.5 * len(params) * max(1, len(usable)) ** 0.5)
+    height = 0.8 / len(usable)
+    for i, (name, imp) in enumerate(usable):
+        ys = [j + (i - (len(usable) - 1) / 2) * height for j in range(len(params))]
+        bars = ax.barh(ys, [imp.get(p, 0.0) for p in params], height=height, label=name)
+        ax.bar_label(bars, fmt="%.2f", padding=2, fontsize=8)
+    ax.set_yticks(range(len(params)), params)
+    ax.set_xlim(0, 1.12)
+    ax.set_xlabel(f"importance for {objective_name(studies[0])} (fANOVA, sums to 1)")
+    title = "Parameter importance"
+    if notes:
+        title += f" ({len(notes)} study left out: too few trials)"
+    ax.set_title(title)
+    if len(studies) > 1:
+        ax.legend(loc="lower right")
+    save_figure(fig, path)
+    return notes
+
+
+def plot_parallel(study, path):
+    _optuna()
+    from matplotlib.collections import LineCollection
+    from optuna.visualization import matplotlib as om
+
+    if len(complete_trials(study)) < 1 or not any(t.params for t in complete_trials(study)):
+        return placeholder_figure(path, "Parallel coordinates", f"{study.study_name}: no complete trials with parameters.")
+    ax = om.plot_parallel_coordinate(study, target_name=objective_name(study))
+    for coll in ax.collections:
+        if isinstance(coll, LineCollection):  # optuna's Blues_r draws the worst trial white on grey
+            coll.set_cmap("viridis_r")
+            coll.set_linewidth(2)
+    ax.set_title(f"Parallel coordinates: {study.study_name} (complete trials)")
+    ax.figure.set_size_inches(9, 5)
+    save_figure(ax.figure, path)
+    return None
+
+
+def plot_pruning_curves(study, path):
+    """Intermediate values (what the pruner sees) per trial, coloured by the trial's final state;
+    a cross marks where a pruned trial stopped."""
+    trials = [t for t in study.trials if t.intermediate_values]
+    if not trials:
+        return placeholder_figure(path, "Pruning curves", f"{study.study_name}: no trial reported intermediate values.")
+    fig, ax = new_figure(9, 5)
+    seen = set()
+    for trial in sorted(trials, key=lambda t: t.number):
+        steps = sorted(trial.intermediate_values)
+        values = [trial.intermediate_values[s] for s in steps]
+        state = trial.state.name
+        label = None if state in seen else f"{state.lower()}"
+        seen.add(state)
+        ax.plot(steps, values, color=STATE_COLORS.get(state, "black"), alpha=0.8, lw=1.4, marker=".", label=label)
+        if state == "PRUNED":
+            ax.plot(steps[-1], values[-1], "x", color=STATE_COLORS["PRUNED"], ms=9, mew=2)
+    best = ranked_trials(study)[:1]
+    if best and best[0].intermediate_values:
+        last = max(best[0].intermediate_values)
+        ax.annotate(f"best: trial {best[0].number}", (last, best[0].intermediate_values[last]), textcoords="offset points",
+                    xytext=(-10, -14), ha="right", fontsize=9, arrowprops={"arrowstyle": "->"})
+    counts = state_counts(study)
+    ax.set_xlabel("step (evaluation)")
+    ax.set_ylabel(f"intermediate {objective_name(study)}")
+    ax.set_title(f"Pruning curves: {study.study_name} ({counts.get('PRUNED', 0)} pruned, "
+                 f"{counts.get('COMPLETE', 0)} complete, {counts.get('FAIL', 0)} failed)")
+    ax.legend(title="final state")
+    save_figure(fig, path)
+    return None
+
+
+def write_html_figures(studies, out_dir):
+    """Interactive plotly versions (plotly.js embedded, no CDN) when plotly is installed.
+    Returns the files written (none without plotly)."""
+    if importlib.util.find_spec("plotly") is None:
+        return []
+    _optuna()
+    from optuna import visualization as ov
+
+    main = studies[0]
+    figures = {"search_history.html": lambda: ov.plot_optimization_history(studies if len(studies) > 1 else main,
+                                                                           target_name=objective_name(main))}
+    if complete_trials(main):
+        figures["search_parallel_coordinate.html"] = lambda: ov.plot_parallel_coordinate(main, target_name=objective_name(main))
+    if any(t.intermediate_values for t in main.trials):
+        figures["search_pruning_curves.html"] = lambda: ov.plot_intermediate_values(main)
+    if importances(main)[0] is not None:
+        figures["search_importance.html"] = lambda: ov.plot_param_importances(main, target_name=objective_name(main))
+    written = []
+    for name, make in figures.items():
+        path = Path(out_dir) / name
+        make().write_html(str(path), include_plotlyjs=True, full_html=True)
+        written.append(path)
+    return written

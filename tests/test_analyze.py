@@ -1,0 +1,284 @@
+"""The analyze stage: real Optuna SQLite studies (pruned and failed trials), scored results with
+real rendered images, the figures, the offline HTML report, the summary, bad input, DVC plots."""
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import ROOT, make_rows
+from stages.lib import metrics, report
+
+FIGURES = ["search_history.png", "search_importance.png", "search_parallel_coordinate.png",
+           "search_pruning_curves.png", "errors_cer_by_length.png", "errors_cer_histogram.png",
+           "errors_top_edits.png", "train_loss.png"]
+
+
+def run_analyze(*args, cwd):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "stages.analyze", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def make_study(storage, name, n_trials, fail=(3,), seed=0):
+    """A real study shaped like the search stage's: eval_loss reported per evaluation step, a
+    median pruner that prunes, a trial that raises (recorded FAIL)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(study_name=name, storage=storage, direction="minimize",
+                                sampler=optuna.samplers.TPESampler(seed=seed),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
+    study.set_user_attr("ocr_search", {"objective": "eval_loss"})
+
+    def objective(trial):
+        lr = trial.suggest_float("learning_rate", 1e-3, 1e-2, log=True)
+        r = trial.suggest_categorical("lora_r", [8, 16, 32])
+        if trial.number in fail:
+            raise RuntimeError("CUDA out of memory")
+        loss = 3.0 + seed
+        for step in range(1, 7):
+            loss = loss * (0.8 + abs(math.log10(lr) + 2.3) * 0.1) + 0.08 / r
+            trial.report(loss, step * 25)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return loss
+
+    study.optimize(objective, n_trials=n_trials, catch=(RuntimeError,))
+    return study
+
+
+def garble(text, rng):
+    if rng.random() < 0.15:
+        return ""
+    out = []
+    for ch in text:
+        r = rng.random()
+        if r < 0.06:
+            continue
+        out.append("口" if r < 0.12 else ch)
+    return "".join(out) + ("一" if rng.random() < 0.1 else "")
+
+
+def scored_result(rows, name, error_rate, seed):
+    """A normalize-score output: per-sample figures computed with the real metrics module."""
+    rng = random.Random(seed)
+    samples = []
+    for i, row in enumerate(rows):
+        pred = garble(row["ocr_text"], rng) if rng.random() < error_rate else row["ocr_text"]
+        ref_n, pred_n = metrics.normalize(row["ocr_text"]), metrics.normalize(pred)
+        samples.append({"image_path": row["image_path"], "label": row["ocr_text"], "prediction": pred,
+                        "cer_score": metrics.cer(ref_n, pred_n), "f1_score": metrics.f1(ref_n, pred_n)})
+    samples[1] = {**samples[1], "prediction": "", "error": "ReadTimeout after 3 retries"}
+    return {"overall_cer": 0.1, "overall_f1": 0.9, "total_samples": len(samples), "model_name": name,
+            "samples": samples}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A scratch project root holding every input of the analyze stage."""
+    root = tmp_path_factory.mktemp("analyze_project")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params["analyze"]["worst_n"] = 8
+    (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    (root / "models/search").mkdir(parents=True)
+    db = f"sqlite:///{root}/models/search/study.db"
+    study = make_study(db, params["search"]["study_name"], 12)
+    make_study(db, "other", 6, fail=(), seed=1)
+    make_study(db, "lonely", 1, fail=())
+    best = study.best_trial
+    (root / "models/search/best_params.json").write_text(json.dumps(
+        {"params": best.params, "trial": best.number, "value": best.value, "objective": "eval_loss",
+         "study_name": study.study_name, "skipped": False}))
+    rows = make_rows(root / "data/raw_data/images", 30)
+    for row in rows:
+        row["image_path"] = str(Path(row["image_path"]).relative_to(root))
+    (root / "results").mkdir()
+    for file, name, rate, seed in (("finetuned_norm.json", "merged", 0.5, 1), ("base_norm.json", "base", 1.0, 2),
+                                   ("tesseract_norm.json", "tesseract", 0.2, 3)):
+        (root / "results" / file).write_text(json.dumps(scored_result(rows, name, rate, seed), ensure_ascii=False))
+    (root / "metrics").mkdir()
+    score = {"overall_cer": 0.1234, "overall_cer_ci95_low": 0.1001, "overall_cer_ci95_high": 0.1502,
+             "overall_f1": 0.8765, "overall_f1_ci95_low": 0.85, "overall_f1_ci95_high": 0.9, "exact_match": 0.5,
+             "empty_predictions": 3, "total_samples": 30,
+             "baselines": {"base": {"overall_cer": 0.9876, "overall_cer_ci95_low": 0.9, "overall_cer_ci95_high": 1.05,
+                                    "overall_f1": 0.2, "total_samples": 30},
+                           "tesseract": {"overall_cer": 0.0456, "overall_f1": 0.95, "total_samples": 30}}}
+    (root / "metrics/score.json").write_text(json.dumps(score))
+    (root / "metrics/train.json").write_text(json.dumps({"train_loss": 0.51, "eval_loss": 0.62}))
+    for kind, every in (("train", 5), ("eval", 25)):
+        folder = root / f"plots/train/plots/metrics/{kind}"
+        folder.mkdir(parents=True)
+        lines = "".join(f"{1700000000 + s}\t{s}\t{3 * math.exp(-s / 60) + 0.4}\n" for s in range(every, 201, every))
+        (folder / "loss.tsv").write_text("timestamp\tstep\tloss\n" + lines)
+    return root
+
+
+@pytest.fixture(scope="module")
+def stage_run(project):
+    db = project / "models/search/study.db"
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    result = run_analyze(cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before, "the study database (a DVC dep) was modified"
+    return result
+
+
+def test_stage_writes_every_figure(project, stage_run):
+    for name in FIGURES:
+        with Image.open(project / "plots/analysis" / name) as image:
+            assert image.format == "PNG" and image.width > 400 and image.height > 150, name
+    history = (project / "plots/analysis/search_history.csv").read_text().splitlines()
+    assert history[0] == "trial,value,best_value"
+    best_so_far = [float(line.split(",")[2]) for line in history[1:]]
+    assert best_so_far == sorted(best_so_far, reverse=True) and len(best_so_far) >= 2
+
+
+def test_top_trials_table_is_ranked(project, stage_run):
+    import optuna
+
+    study = optuna.load_study(study_name="ocr-lora", storage=f"sqlite:///{project}/models/search/study.db")
+    states = [t.state.name for t in study.trials]
+    assert "PRUNED" in states and "FAIL" in states  # the fixture really exercises both
+    table = (project / "reports/top_trials.md").read_text()
+    assert f"{states.count('PRUNED')} pruned" in table and "1 fail" in table
+    rows = [line.split("|") for line in table.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert int(rows[0][2]) == study.best_trial.number
+    assert float(rows[0][3]) <= float(rows[1][3])
+
+
+def test_summary_table(project, stage_run):
+    summary = (project / "metrics/summary.md").read_text()
+    lines = summary.splitlines()
+    fine = next(line for line in lines if line.startswith("| fine-tuned"))
+    assert "0.1234 [0.1001, 0.1502]" in fine and "0.8765 [0.8500, 0.9000]" in fine and "| 0.5000 |" in fine
+    base = next(line for line in lines if line.startswith("| base"))
+    assert "0.9876 [0.9000, 1.0500]" in base
+    assert next(line for line in lines if line.startswith("| Tesseract")).count("[") == 0  # no interval stored
+    assert [line.split("|")[1].strip() for line in lines[2:5]] == ["base (no fine-tuning)", "fine-tuned", "Tesseract"]
+    best = json.loads((project / "models/search/best_params.json").read_text())
+    assert f"best trial #{best['trial']}" in summary and "| lora_r |" in summary
+
+
+def test_error_analysis_counts(project, stage_run):
+    data = json.loads((project / "reports/errors.json").read_text())
+    result = json.loads((project / "results/finetuned_norm.json").read_text())
+    ok = [s for s in result["samples"] if not s.get("error")]
+    empty = [s for s in ok if metrics.normalize(s["prediction"]) == ""]
+    ft = data["fine-tuned"]
+    assert ft["failed_samples"] == 1 and ft["scored_samples"] == len(ok)
+    assert ft["empty_predictions"]["count"] == len(empty) > 0
+    assert sorted(r["image_path"] for r in ft["empty_predictions"]["samples"]) == sorted(s["image_path"] for s in empty)
+    assert sum(b["samples"] for b in ft["cer_by_length"]) == len(ok)
+    assert set(data) == {"fine-tuned", "base", "tesseract"}
+
+
+def test_html_report_is_offline_and_shows_the_worst(project, stage_run):
+    text = (project / "reports/errors.html").read_text(encoding="utf-8")
+    assert "http://" not in text and "https://" not in text and "<script" not in text
+    result = json.loads((project / "results/finetuned_norm.json").read_text())
+    ok = [s for s in result["samples"] if not s.get("error") and s["cer_score"] > 0]
+    worst = max(ok, key=lambda s: s["cer_score"])
+    import base64
+    assert base64.b64encode((project / worst["image_path"]).read_bytes()).decode() in text
+    assert text.count('<td class="img">') == min(8, len(ok))
+    assert result["samples"][1]["image_path"] in text  # the failed sample is listed as failed
+
+
+def test_edit_operations_hand_checked():
+    scored = [{"ref": "ABCD", "pred": "AXCDE"}, {"ref": "ABC", "pred": "AC"}, {"ref": "台北", "pred": "台北"}]
+    subs, ins, dels = report.edit_operations(scored)
+    assert dict(subs) == {("B", "X"): 1} and dict(ins) == {"E": 1} and dict(dels) == {"B": 1}
+
+
+def test_cer_by_length_hand_checked():
+    rows = [{"ref": "abc", "distance": 1, "cer": 1 / 3}, {"ref": "abcd", "distance": 0, "cer": 0.0},
+            {"ref": "abcdefg", "distance": 7, "cer": 1.0}]
+    buckets = report.cer_by_length(rows, 5)
+    assert [(b["bucket"], b["samples"]) for b in buckets] == [("0-4", 2), ("5-9", 1)]
+    assert buckets[0]["cer"] == pytest.approx(1 / 7) and buckets[0]["mean_cer"] == pytest.approx(1 / 6)
+    assert buckets[1]["cer"] == 1.0
+
+
+def test_char_diff_html_hand_checked():
+    assert report.char_diff_html("a<bc", "a<xcd") == (
+        '<span>a&lt;</span><span class="sub"><del title="label">b</del><ins title="prediction">x</ins></span>'
+        '<span>c</span><ins title="not in the label">d</ins>')
+    assert report.char_diff_html("ab", "") == '<del title="missing from the prediction">ab</del>'
+
+
+def test_study_only_compare_and_too_few_trials(project, tmp_path):
+    out = tmp_path / "cmp"
+    result = run_analyze("--study-name", "ocr-lora", "--compare", "other", "lonely", "--output-dir", str(out),
+                         "--storage", f"sqlite:///{project}/models/search/study.db", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert "lonely: 1 complete trial(s); parameter importance needs at least 2" in result.stdout
+    table = (out / "top_trials.md").read_text()
+    assert all(f"## Study `{name}`" in table for name in ("ocr-lora", "other", "lonely"))
+    for name in ("search_history.png", "search_importance.png", "search_parallel_coordinate.png",
+                 "search_pruning_curves.png"):
+        assert (out / name).stat().st_size > 5000
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_only_one_trial_gives_a_placeholder(project, tmp_path):
+    result = run_analyze("--study-name", "lonely", "--output-dir", str(tmp_path / "one"), cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert "parameter importance needs at least 2" in result.stdout
+    assert (tmp_path / "one/search_importance.png").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--study-name", "nope"], "study 'nope' not found in sqlite:///models/search/study.db (studies there: "),
+    (["--study-name", "x", "--storage", "sqlite:///missing/study.db"], "missing/study.db: study database not found"),
+    (["--compare", "other"], "--compare goes with --study-name"),
+    (["--worst-n", "0"], "--worst-n must be at least 1"),
+])
+def test_bad_arguments(project, args, message, tmp_path):
+    result = run_analyze(*args, cwd=project)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_results_file_writes_nothing(project, tmp_path):
+    scratch = tmp_path / "p"
+    shutil.copytree(project, scratch, ignore=shutil.ignore_patterns("reports", "analysis", "summary.md"))
+    bad = json.loads((scratch / "results/finetuned_norm.json").read_text())
+    del bad["samples"][4]["prediction"]
+    (scratch / "results/finetuned_norm.json").write_text(json.dumps(bad))
+    result = run_analyze(cwd=scratch)
+    assert result.returncode == 2
+    assert "results/finetuned_norm.json: sample 4: field 'prediction' missing or not a string" in result.stderr
+    assert not (scratch / "reports").exists() and not (scratch / "plots/analysis").exists()
+    assert not (scratch / "metrics/summary.md").exists()
+
+
+def test_dvc_stage_and_plots(project, tmp_path):
+    """The analyze stage and the top-level plots of the real dvc.yaml run under DVC."""
+    repo = tmp_path / "repo"
+    shutil.copytree(project, repo, ignore=shutil.ignore_patterns("reports", "analysis", "summary.md"))
+    shutil.copytree(ROOT / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"analyze": spec["stages"]["analyze"]},
+                                                   "plots": spec["plots"]}))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    for cmd in (["git", "init", "-q"], dvc + ["init", "-q"], dvc + ["repro", "-q", "analyze"]):
+        done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr + done.stdout
+    shown = subprocess.run(dvc + ["plots", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)["data"]
+    images = [k for k, v in data.items() if v and v[0]["type"] == "image"]
+    assert sorted(Path(k).name for k in images) == sorted(FIGURES)
+    assert data["loss"][0]["type"] == "vega" and data["search_history"][0]["type"] == "vega"
+    assert {row["filename"] for row in data["loss"][0]["content"]["data"]["values"]} == {"train/loss.tsv", "eval/loss.tsv"}
