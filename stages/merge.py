@@ -132,9 +132,7 @@ def main(argv=None):
         saved_dtype, architectures = str(merged.dtype).removeprefix("torch."), merged.config.architectures
         del merged
         M.free_memory()
-        mismatches = sum(ref[0] != run[0] for ref, run in zip(reference, runs))
-        gap = M.max_relative_gap(reference, runs)
-        passed = mismatches == 0 and gap <= tolerance
+        passed, mismatches, gap = M.judge(reference, runs, tolerance)
         metrics = {
             "passed": passed, "backend": backend, "dtype": dtype_name, "saved_dtype": saved_dtype,
             "architectures": architectures, "samples": len(images), "max_new_tokens": args.max_new_tokens,

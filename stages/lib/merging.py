@@ -166,6 +166,13 @@ def max_relative_gap(reference, other):
     return gap / max(scale, 1e-12)
 
 
+def judge(reference, runs, tolerance):
+    """The parity verdict: (passed, greedy mismatches, relative logit gap)."""
+    mismatches = sum(ref[0] != run[0] for ref, run in zip(reference, runs))
+    gap = max_relative_gap(reference, runs)
+    return mismatches == 0 and gap <= tolerance, mismatches, gap
+
+
 def vision_lora_off(peft_model):
     """Context: the vision tower's LoRA layers disabled (to measure what the parity check would see)."""
     from contextlib import contextmanager
