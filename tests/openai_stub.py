@@ -45,6 +45,7 @@ class Stub:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True   # headers and body go in two writes: avoid delayed-ACK stalls
 
             def log_message(self, *args):
                 pass
