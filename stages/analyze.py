@@ -4,14 +4,16 @@ As the DVC stage (`python -m stages.analyze`, defaults from params.yaml `analyze
 `search.study_name`) it writes:
   plots/analysis/search_*.png      optimization history, parameter importance, parallel
                                    coordinates, pruning curves (intermediate eval_loss per trial)
-  plots/analysis/search_*.html     the same, interactive, only where plotly is installed
   plots/analysis/search_history.csv  trial, state, value, best_value (a DVC plot)
-  plots/analysis/errors_*.png      CER by label length, per-sample CER histogram, top edit errors
+  plots/analysis/errors_top_edits.png  the most frequent character errors of the fine-tuned model
+                                   (CER histogram and CER by length: plots/score/, the score stage)
   plots/analysis/train_loss.png    train and eval loss from the train stage's dvclive files
   reports/errors.html              the worst N samples: embedded image, label, prediction,
                                    character diff; empty predictions; top confusions (offline)
   reports/errors.json              the same analysis as data, per model
   reports/top_trials.md            the top-N trials of the study
+  reports/search.html              the search figures, interactive, only where plotly is
+                                   installed (plotly.js embedded: ~5 MB, so in the DVC cache, not git)
   metrics/summary.md               base / fine-tuned / Tesseract CER and F1 with 95% intervals,
                                    and the search's best values (the README includes it)
 
@@ -34,6 +36,7 @@ from .lib import report, study as S
 from .lib.cli import UserError, run_main
 from .lib.figures import new_figure, save_figure
 from .lib.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
+from .score import LENGTH_BUCKETS
 
 PLOT_DIR = "plots/analysis"
 REPORT_DIR = "reports"
@@ -45,14 +48,14 @@ TRAIN_METRICS = "metrics/train.json"
 TRAIN_PLOTS = "plots/train"
 RESULTS = {"fine-tuned": "results/finetuned_norm.json", "base": "results/base_norm.json",
            "tesseract": "results/tesseract_norm.json"}
-MODEL_COLORS = {"fine-tuned": "tab:blue", "base": "tab:gray", "tesseract": "tab:green"}
 
 
 # ---------------------------------------------------------------- search
 
-def analyze_study(storage, names, out_dir, top_n):
-    """The search figures and the top-N table for studies `names` (the first is the main one).
-    Returns the Markdown table and the notes (figures that could not be drawn, and why)."""
+def analyze_study(storage, names, out_dir, top_n, html_path):
+    """The search figures and the top-N table for studies `names` (the first is the main one),
+    and `html_path` (interactive figures) where plotly is installed. Returns the Markdown table,
+    the notes (figures that could not be drawn, and why) and the main study's trial counts."""
     out_dir = Path(out_dir)
     with S.readonly_storage(storage) as url:
         studies = S.load_studies(url, names, shown=storage)
@@ -64,7 +67,7 @@ def analyze_study(storage, names, out_dir, top_n):
             if note:
                 notes.append(note)
         atomic_write_text(out_dir / "search_history.csv", S.history_csv(main))
-        S.write_html_figures(studies, out_dir)
+        S.write_html_figures(studies, html_path)
         table = "\n".join(S.top_trials_markdown(s, top_n) for s in studies)
         counts = S.state_counts(main)
     return table, notes, counts
@@ -82,40 +85,13 @@ def load_results(paths):
     return results
 
 
-def plot_cer_by_length(analyses, path):
-    fig, ax = new_figure(9, 4.5)
-    for name, analysis in analyses.items():
-        buckets = analysis["cer_by_length"]
-        ax.plot([b["low"] for b in buckets], [b["cer"] for b in buckets], marker="o", label=name,
-                color=MODEL_COLORS.get(name))
-    main = next(iter(analyses.values()))["cer_by_length"]
-    for b in main:
-        ax.annotate(f"n={b['samples']}", (b["low"], b["cer"]), textcoords="offset points", xytext=(0, 7),
-                    ha="center", fontsize=7, color="tab:blue")
-    ax.set_xticks([b["low"] for b in main], [b["bucket"] for b in main])
-    ax.set_xlabel("label length (normalized characters)")
-    ax.set_ylabel("CER (summed edits / summed label length)")
-    ax.set_ylim(bottom=0)
-    ax.set_title("CER by label length")
-    ax.legend()
-    save_figure(fig, path)
-
-
-def plot_cer_histogram(analyses, path):
-    fig, ax = new_figure(9, 4.5)
-    cers = {name: [r["cer"] for r in a["_scored"]] for name, a in analyses.items()}
-    top = max(1.0, max((max(v, default=0) for v in cers.values()), default=1.0))
-    width = top / 25
-    bins = [i * width for i in range(26)]
-    for name, values in cers.items():
-        clipped = [min(v, top) for v in values]
-        ax.hist(clipped, bins=bins, histtype="step", lw=2, label=f"{name} (n={len(values)})",
-                color=MODEL_COLORS.get(name))
-    ax.set_xlabel("per-sample CER")
-    ax.set_ylabel("samples")
-    ax.set_title("Per-sample CER")
-    ax.legend()
-    save_figure(fig, path)
+def length_bucket(length):
+    """(sort key, label) of the score stage's label-length buckets, so that the report's table
+    and plots/score/cer_by_length agree."""
+    for low, high in LENGTH_BUCKETS:
+        if length >= low and (high is None or length <= high):
+            return low, f"{low}+" if high is None else str(low) if low == high else f"{low}-{high}"
+    raise ValueError(length)  # LENGTH_BUCKETS covers 0 and up
 
 
 def plot_top_edits(analysis, path, k=15):
@@ -248,9 +224,8 @@ def parse_args(argv, params):
     parser.add_argument("--top-n", type=int, default=P.get(params, "analyze.top_n", int, minimum=1))
     parser.add_argument("--worst-n", type=int, default=P.get(params, "analyze.worst_n", int, minimum=1))
     parser.add_argument("--top-k-errors", type=int, default=P.get(params, "analyze.top_k_errors", int, minimum=1))
-    parser.add_argument("--length-bucket", type=int, default=P.get(params, "analyze.length_bucket", int, minimum=1))
     args = parser.parse_args(argv)
-    for flag in ("top_n", "worst_n", "top_k_errors", "length_bucket"):
+    for flag in ("top_n", "worst_n", "top_k_errors"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if not args.study_name:
@@ -268,7 +243,7 @@ def run_study_only(args):
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".analyze-"))
     try:
-        table, notes, _ = analyze_study(args.storage or STORAGE, names, tmp, args.top_n)
+        table, notes, _ = analyze_study(args.storage or STORAGE, names, tmp, args.top_n, tmp / "search.html")
         atomic_write_text(tmp / "top_trials.md", table)
         for path in sorted(tmp.iterdir()):
             os.replace(path, out_dir / path.name)
@@ -298,16 +273,15 @@ def run_stage(args, params):
     inputs = read_stage_inputs(params)
     best = inputs["best"]
     counts, notes = {}, []
-    analyses = {name: report.analyze_result(res, top_k=args.top_k_errors, length_width=args.length_bucket)
+    analyses = {name: report.analyze_result(res, top_k=args.top_k_errors, bucket_of=length_bucket)
                 for name, res in inputs["results"].items()}
     with atomic_dir(PLOT_DIR) as plot_dir, atomic_dir(REPORT_DIR) as report_dir:
         if best.get("skipped"):
             table = "Hyperparameter search skipped (search.n_trials is 0): no study to analyze.\n"
             S.skipped_search_figures(plot_dir, "Search skipped (search.n_trials is 0).")
         else:
-            table, notes, counts = analyze_study(STORAGE, [inputs["study_name"]], plot_dir, args.top_n)
-        plot_cer_by_length(analyses, plot_dir / "errors_cer_by_length.png")
-        plot_cer_histogram(analyses, plot_dir / "errors_cer_histogram.png")
+            table, notes, counts = analyze_study(STORAGE, [inputs["study_name"]], plot_dir, args.top_n,
+                                                 report_dir / "search.html")
         plot_top_edits(analyses["fine-tuned"], plot_dir / "errors_top_edits.png", k=args.top_k_errors)
         plot_loss_curves(*find_loss_files(TRAIN_PLOTS), plot_dir / "train_loss.png")
         atomic_write_text(report_dir / "errors.html", report.errors_html(analyses, args.worst_n))

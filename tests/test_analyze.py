@@ -18,8 +18,7 @@ from conftest import ROOT, make_rows
 from stages.lib import metrics, report
 
 FIGURES = ["search_history.png", "search_importance.png", "search_parallel_coordinate.png",
-           "search_pruning_curves.png", "errors_cer_by_length.png", "errors_cer_histogram.png",
-           "errors_top_edits.png", "train_loss.png"]
+           "search_pruning_curves.png", "errors_top_edits.png", "train_loss.png"]
 
 
 def run_analyze(*args, cwd):
@@ -202,10 +201,17 @@ def test_edit_operations_hand_checked():
 def test_cer_by_length_hand_checked():
     rows = [{"ref": "abc", "distance": 1, "cer": 1 / 3}, {"ref": "abcd", "distance": 0, "cer": 0.0},
             {"ref": "abcdefg", "distance": 7, "cer": 1.0}]
-    buckets = report.cer_by_length(rows, 5)
+    buckets = report.cer_by_length(rows, lambda n: (n // 5, f"{n // 5 * 5}-{n // 5 * 5 + 4}"))
     assert [(b["bucket"], b["samples"]) for b in buckets] == [("0-4", 2), ("5-9", 1)]
     assert buckets[0]["cer"] == pytest.approx(1 / 7) and buckets[0]["mean_cer"] == pytest.approx(1 / 6)
     assert buckets[1]["cer"] == 1.0
+
+
+def test_length_buckets_match_the_score_stage():
+    from stages.analyze import length_bucket
+
+    assert [length_bucket(n)[1] for n in (0, 1, 5, 6, 20, 21, 3000)] == ["0", "1-5", "1-5", "6-10", "11-20", "21-40",
+                                                                         "2561+"]
 
 
 def test_char_diff_html_hand_checked():
@@ -227,13 +233,6 @@ def test_study_only_compare_and_too_few_trials(project, tmp_path):
                  "search_pruning_curves.png"):
         assert (out / name).stat().st_size > 5000
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
-
-
-def test_only_one_trial_gives_a_placeholder(project, tmp_path):
-    result = run_analyze("--study-name", "lonely", "--output-dir", str(tmp_path / "one"), cwd=project)
-    assert result.returncode == 0, result.stderr
-    assert "parameter importance needs at least 2" in result.stdout
-    assert (tmp_path / "one/search_importance.png").is_file()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -259,6 +258,20 @@ def test_bad_results_file_writes_nothing(project, tmp_path):
     assert "results/finetuned_norm.json: sample 4: field 'prediction' missing or not a string" in result.stderr
     assert not (scratch / "reports").exists() and not (scratch / "plots/analysis").exists()
     assert not (scratch / "metrics/summary.md").exists()
+
+
+def test_skipped_search(project, tmp_path):
+    scratch = tmp_path / "p"
+    shutil.copytree(project, scratch, ignore=shutil.ignore_patterns("reports", "analysis", "summary.md"))
+    (scratch / "models/search/best_params.json").write_text(json.dumps(
+        {"params": {}, "trial": None, "value": None, "study_name": "ocr-lora", "skipped": True}))
+    result = run_analyze(cwd=scratch)
+    assert result.returncode == 0, result.stderr
+    assert "Hyperparameter search: skipped" in (scratch / "metrics/summary.md").read_text()
+    assert "skipped" in (scratch / "reports/top_trials.md").read_text()
+    for name in FIGURES:
+        assert (scratch / "plots/analysis" / name).is_file(), name
+    assert (scratch / "plots/analysis/search_history.csv").read_text() == "trial,value,best_value\n"
 
 
 def test_dvc_stage_and_plots(project, tmp_path):

@@ -69,28 +69,23 @@ def edit_operations(scored):
     return subs, ins, dels
 
 
-def length_bucket(length, width):
-    low = (length // width) * width
-    return f"{low}-{low + width - 1}" if width > 1 else str(length)
-
-
-def cer_by_length(scored, width):
-    """Per bucket of normalized label length: samples, corpus CER (summed distances / summed
-    lengths, like overall_cer) and mean per-sample CER. Buckets in length order."""
+def cer_by_length(scored, bucket_of):
+    """Per bucket of normalized label length (`bucket_of(length)` -> (sort key, label)): samples,
+    corpus CER (summed distances / summed lengths, like overall_cer) and mean per-sample CER."""
     buckets = {}
     for row in scored:
-        low = (len(row["ref"]) // width) * width
-        b = buckets.setdefault(low, {"bucket": length_bucket(len(row["ref"]), width), "low": low, "samples": 0,
-                                     "distance": 0, "characters": 0, "cer_sum": 0.0})
+        key, label = bucket_of(len(row["ref"]))
+        b = buckets.setdefault(key, {"bucket": label, "low": key, "samples": 0, "distance": 0, "characters": 0,
+                                     "cer_sum": 0.0})
         b["samples"] += 1
         b["distance"] += row["distance"]
         b["characters"] += len(row["ref"])
         b["cer_sum"] += row["cer"]
     out = []
-    for low in sorted(buckets):
-        b = buckets[low]
+    for key in sorted(buckets):
+        b = buckets[key]
         corpus = b["distance"] / b["characters"] if b["characters"] else (0.0 if b["distance"] == 0 else 1.0)
-        out.append({"bucket": b["bucket"], "low": low, "samples": b["samples"], "cer": corpus,
+        out.append({"bucket": b["bucket"], "low": key, "samples": b["samples"], "cer": corpus,
                     "mean_cer": b["cer_sum"] / b["samples"]})
     return out
 
@@ -106,7 +101,7 @@ def empty_predictions(scored):
             "label_lengths": dict(sorted(Counter(lengths).items())), "samples": rows}
 
 
-def analyze_result(result, *, top_k, length_width):
+def analyze_result(result, *, top_k, bucket_of):
     """Everything the report and reports/errors.json need for one model."""
     scored, failed = scored_samples(result)
     subs, ins, dels = edit_operations(scored)
@@ -116,7 +111,7 @@ def analyze_result(result, *, top_k, length_width):
         "failed_samples": len(failed),
         "failed": failed,
         "empty_predictions": empty_predictions(scored),
-        "cer_by_length": cer_by_length(scored, length_width),
+        "cer_by_length": cer_by_length(scored, bucket_of),
         "substitutions": [{"label": a, "prediction": b, "count": n} for (a, b), n in subs.most_common(top_k)],
         "insertions": [{"prediction": c, "count": n} for c, n in ins.most_common(top_k)],
         "deletions": [{"label": c, "count": n} for c, n in dels.most_common(top_k)],
@@ -138,8 +133,8 @@ body{font-family:"Noto Sans CJK TC","Noto Sans TC","PingFang TC","Microsoft Jhen
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.3em .6em;vertical-align:top}
 th{background:#f3f3f3}.num{text-align:right;font-variant-numeric:tabular-nums}
 .diff{font-size:1.25em;letter-spacing:.05em}del{background:#fdd;color:#a00}ins{background:#dfd;color:#060;text-decoration:none}
-.sub del,.sub ins{outline:1px dashed #999}.img img{max-width:360px;image-rendering:pixelated;border:1px solid #ddd}
-.muted{color:#777}.text{font-size:1.15em}code{background:#f6f6f6;padding:0 .2em}
+.sub del,.sub ins{outline:1px dashed #999}.img img{max-width:360px;min-width:160px;image-rendering:pixelated;border:1px solid #ddd}
+.row{display:flex;flex-wrap:wrap}.row>div{margin-right:2.5em}.muted{color:#777}.text{font-size:1.15em}code{background:#f6f6f6;padding:0 .2em}
 """
 
 
@@ -212,12 +207,12 @@ def errors_html(analyses, worst_n, title="OCR error report"):
     out = [f"<!DOCTYPE html><html lang='zh-Hant'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
            f"<style>{CSS}</style></head><body><h1>{_esc(title)}: {_esc(main_name)}</h1>",
            f"<p>{main['scored_samples']} scored samples of <code>{_esc(main['model_name'])}</code>; "
-           f"{main['failed_samples']} failed in evaluation (no prediction, left out); {empty['count']} empty "
-           f"predictions. Edit operations on normalized text: {totals['substitutions']} substitutions, "
+           f"{main['failed_samples']} failed in evaluation (no prediction, left out); empty predictions: "
+           f"{empty['count']}. Edit operations on normalized text: {totals['substitutions']} substitutions, "
            f"{totals['insertions']} insertions, {totals['deletions']} deletions.</p>",
            f"<h2>The {len(worst)} worst samples by CER</h2>",
            _worst_html(worst) if worst else "<p>No sample has a character error.</p>",
-           "<h2>Most frequent character errors</h2><div style='display:flex;gap:2em;flex-wrap:wrap'>",
+           "<h2>Most frequent character errors</h2><div class='row'>",
            "<div><h3>Substitutions</h3>" + _table(["label", "prediction", "count"],
                                                   [(_show_char(s["label"]), _show_char(s["prediction"]), s["count"])
                                                    for s in main["substitutions"]], numeric=(2,)) + "</div>",

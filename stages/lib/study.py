@@ -5,6 +5,7 @@ self-contained HTML only when plotly is importable. Comparing studies (`studies`
 than one entry) puts them on one figure for the optimization history and the importances; the
 parallel coordinates and pruning curves are drawn for the first (main) study.
 """
+import html
 import importlib.util
 import shutil
 import tempfile
@@ -264,26 +265,25 @@ def plot_pruning_curves(study, path):
     return None
 
 
-def write_html_figures(studies, out_dir):
-    """Interactive plotly versions (plotly.js embedded, no CDN) when plotly is installed.
-    Returns the files written (none without plotly)."""
+def write_html_figures(studies, path):
+    """Interactive plotly versions of the figures in one self-contained HTML file (plotly.js
+    embedded once, no CDN), only when plotly is installed. Returns True when written."""
     if importlib.util.find_spec("plotly") is None:
-        return []
+        return False
     _optuna()
     from optuna import visualization as ov
 
     main = studies[0]
-    figures = {"search_history.html": lambda: ov.plot_optimization_history(studies if len(studies) > 1 else main,
-                                                                           target_name=objective_name(main))}
-    if complete_trials(main):
-        figures["search_parallel_coordinate.html"] = lambda: ov.plot_parallel_coordinate(main, target_name=objective_name(main))
-    if any(t.intermediate_values for t in main.trials):
-        figures["search_pruning_curves.html"] = lambda: ov.plot_intermediate_values(main)
+    target = objective_name(main)
+    figures = [ov.plot_optimization_history(studies if len(studies) > 1 else main, target_name=target)]
     if importances(main)[0] is not None:
-        figures["search_importance.html"] = lambda: ov.plot_param_importances(main, target_name=objective_name(main))
-    written = []
-    for name, make in figures.items():
-        path = Path(out_dir) / name
-        make().write_html(str(path), include_plotlyjs=True, full_html=True)
-        written.append(path)
-    return written
+        figures.append(ov.plot_param_importances(main, target_name=target))
+    if complete_trials(main):
+        figures.append(ov.plot_parallel_coordinate(main, target_name=target))
+    if any(t.intermediate_values for t in main.trials):
+        figures.append(ov.plot_intermediate_values(main))
+    divs = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
+    title = f"Optuna study {', '.join(s.study_name for s in studies)}"
+    atomic_write_text(path, f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                            f"</head><body><h1>{html.escape(title)}</h1>{''.join(divs)}</body></html>\n")
+    return True
