@@ -180,13 +180,15 @@ def summary_markdown(score, best, counts, train):
     """metrics/summary.md: the results table and the search's best values."""
     rows = [("base (no fine-tuning)", score.get("baselines", {}).get("base")), ("fine-tuned", score),
             ("Tesseract", score.get("baselines", {}).get("tesseract"))]
-    lines = ["| model | CER [95% CI] | F1 [95% CI] | exact match | empty predictions | samples |",
+    lines = ["| model | CER [95% CI] | F1 [95% CI] | exact match | empty predictions | scored samples |",
              "|---|---|---|---|---|---|"]
     for name, block in rows:
         if isinstance(block, dict):
+            scored = block.get("scored_samples", block.get("total_samples", "n/a"))
+            if block.get("failed_samples"):
+                scored = f"{scored} ({block['failed_samples']} failed, not scored)"
             cells = [name, _figure(block, "overall_cer"), _figure(block, "overall_f1"),
-                     _number(block.get("exact_match")), block.get("empty_predictions", "n/a"),
-                     block.get("total_samples", "n/a")]
+                     _number(block.get("exact_match")), block.get("empty_predictions", "n/a"), scored]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "CER: summed edit distance / summed reference length on normalized text (may exceed 1); "
               "F1: mean per-sample bag-of-characters F1; intervals: seeded bootstrap.", ""]
@@ -195,18 +197,21 @@ def summary_markdown(score, best, counts, train):
         shown = {k: v for k, v in train.items() if isinstance(v, (int, float)) and "loss" in k}
         if shown:
             lines += ["", "Final training: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())) + "."]
+    lines += ["", "Figures: `plots/analysis/*.png`, `plots/score/*.png`; the worst samples with their images: "
+              "`reports/errors.html`; the best trials: `reports/top_trials.md`."]
     return "\n".join(lines) + "\n"
 
 
 def search_summary(best, counts):
     if not isinstance(best, dict) or best.get("skipped"):
         return ["Hyperparameter search: skipped (search.n_trials is 0); training used params.yaml."]
-    counts_text = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) if counts else "no trials"
+    total = sum(counts.values())
+    trials_text = f"{total} trials ({S.counts_text(counts)})" if counts else "no trials"
     params = best.get("params") or {}
     value = best.get("value")
     value_text = f"{value:.6g}" if isinstance(value, (int, float)) else "n/a"
-    lines = [f"Hyperparameter search `{best.get('study_name', '')}`: {counts_text}; best trial "
-             f"#{best.get('trial', 'n/a')}, objective {value_text}.", ""]
+    lines = [f"Hyperparameter search `{best.get('study_name', '')}`: {trials_text}; best trial "
+             f"#{best.get('trial', 'n/a')}, {best.get('objective') or 'objective'} {value_text}.", ""]
     if params:
         lines += ["| parameter | best value |", "|---|---|"]
         lines += [f"| {k} | {S.format_value(v)} |" for k, v in sorted(params.items())]

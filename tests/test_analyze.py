@@ -148,7 +148,7 @@ def test_top_trials_table_is_ranked(project, stage_run):
     states = [t.state.name for t in study.trials]
     assert "PRUNED" in states and "FAIL" in states  # the fixture really exercises both
     table = (project / "reports/top_trials.md").read_text()
-    assert f"{states.count('PRUNED')} pruned" in table and "1 fail" in table
+    assert f"{states.count('PRUNED')} pruned, 1 failed" in table
     rows = [line.split("|") for line in table.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
     assert int(rows[0][2]) == study.best_trial.number
     assert float(rows[0][3]) <= float(rows[1][3])
@@ -164,7 +164,8 @@ def test_summary_table(project, stage_run):
     assert next(line for line in lines if line.startswith("| Tesseract")).count("[") == 0  # no interval stored
     assert [line.split("|")[1].strip() for line in lines[2:5]] == ["base (no fine-tuning)", "fine-tuned", "Tesseract"]
     best = json.loads((project / "models/search/best_params.json").read_text())
-    assert f"best trial #{best['trial']}" in summary and "| lora_r |" in summary
+    assert f"best trial #{best['trial']}, eval_loss {best['value']:.6g}" in summary and "| lora_r |" in summary
+    assert "12 trials (" in summary and "1 failed)" in summary
 
 
 def test_error_analysis_counts(project, stage_run):

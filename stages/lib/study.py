@@ -89,6 +89,17 @@ def objective_name(study):
     return str(study.user_attrs.get("objective", "objective value"))
 
 
+STATE_WORDS = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
+               "WAITING": "waiting"}
+
+
+def counts_text(counts):
+    """'5 complete, 6 pruned, 1 failed' (states in that order)."""
+    order = list(STATE_WORDS)
+    items = sorted(counts.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+    return ", ".join(f"{n} {STATE_WORDS.get(state, state.lower())}" for state, n in items)
+
+
 def state_counts(study):
     counts = {}
     for trial in study.trials:
@@ -111,7 +122,7 @@ def top_trials_markdown(study, top_n):
     """A Markdown section: trial counts by state and the best `top_n` complete trials."""
     counts = state_counts(study)
     total = sum(counts.values())
-    count_text = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "none"
+    count_text = counts_text(counts) or "none"
     lines = [f"## Study `{study.study_name}`", "",
              f"{total} trials ({count_text}); objective: {objective_name(study)} "
              f"({study.direction.name.lower()}).", ""]
