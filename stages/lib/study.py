@@ -179,6 +179,12 @@ def plot_history(studies, path):
     ax = om.plot_optimization_history(studies if len(studies) > 1 else studies[0], target_name=target)
     names = ", ".join(s.study_name for s in studies)
     ax.set_title(f"Optimization history: {names}")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    low, high = ax.get_xlim()
+    if high - low < 2:  # one trial: matplotlib would label fractions of a trial
+        ax.set_xlim((low + high) / 2 - 1, (low + high) / 2 + 1)
     ax.figure.set_size_inches(9, 5)
     save_figure(ax.figure, path)
     return None
@@ -231,9 +237,14 @@ def plot_parallel(study, path):
     from matplotlib.collections import LineCollection
     from optuna.visualization import matplotlib as om
 
-    if len(complete_trials(study)) < 1 or not any(t.params for t in complete_trials(study)):
-        return placeholder_figure(path, "Parallel coordinates", f"{study.study_name}: no complete trials with parameters.")
-    ax = om.plot_parallel_coordinate(study, target_name=objective_name(study))
+    trials = complete_trials(study)
+    if len(trials) < 2 or not any(t.params for t in trials):
+        return placeholder_figure(path, "Parallel coordinates",
+                                  f"{study.study_name}: {len(trials)} complete trial(s) with parameters; "
+                                  "parallel coordinates need at least 2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # an axis with one value: matplotlib widens it
+        ax = om.plot_parallel_coordinate(study, target_name=objective_name(study))
     for coll in ax.collections:
         if isinstance(coll, LineCollection):  # optuna's Blues_r draws the worst trial white on grey
             coll.set_cmap("viridis_r")
@@ -263,9 +274,9 @@ def plot_pruning_curves(study, path):
             ax.plot(steps[-1], values[-1], "x", color=STATE_COLORS["PRUNED"], ms=9, mew=2)
     best = ranked_trials(study)[:1]
     if best and best[0].intermediate_values:
-        last = max(best[0].intermediate_values)
-        ax.annotate(f"best: trial {best[0].number}", (last, best[0].intermediate_values[last]), textcoords="offset points",
-                    xytext=(-10, -14), ha="right", fontsize=9, arrowprops={"arrowstyle": "->"})
+        steps = sorted(best[0].intermediate_values)
+        ax.plot(steps, [best[0].intermediate_values[s] for s in steps], color="navy", lw=2.6,
+                label=f"best (trial {best[0].number})")
     counts = state_counts(study)
     ax.set_xlabel("step (evaluation)")
     ax.set_ylabel(f"intermediate {objective_name(study)}")
