@@ -35,13 +35,13 @@ TRAINING_KEYS = {
     "seed": (int, {"minimum": 0}),
     "val_ratio": (float, {"minimum": 0.0, "maximum": 0.9}),
     "lora_r": (int, {"minimum": 1}),
-    "lora_alpha": (float, {"minimum": 1.0e-9}),
+    "lora_alpha": (float, {"minimum": 0.0}),
     "lora_dropout": (float, {"minimum": 0.0, "maximum": 0.99}),
-    "learning_rate": (float, {"minimum": 1.0e-12}),
-    "num_train_epochs": (float, {"minimum": 1.0e-9}),
+    "learning_rate": (float, {"minimum": 0.0}),
+    "num_train_epochs": (float, {"minimum": 0.0}),
     "per_device_train_batch_size": (int, {"minimum": 1}),
     "gradient_accumulation_steps": (int, {"minimum": 1}),
-    "warmup_ratio": (float, {"minimum": 0.0, "maximum": 1.0}),
+    "warmup_ratio": (float, {"minimum": 0.0, "maximum": 0.99}),
     "weight_decay": (float, {"minimum": 0.0}),
     "max_seq_length": (int, {"minimum": 1, "allow_none": True}),
     "load_in_4bit": (bool, {}),
@@ -53,6 +53,7 @@ TRAINING_KEYS = {
     "logging_steps": (int, {"minimum": 1}),
     "report_to": (str, {}),
 }
+POSITIVE = ("lora_alpha", "learning_rate", "num_train_epochs", "val_ratio")
 
 
 def training_config(params, overrides=None):
@@ -65,14 +66,15 @@ def training_config(params, overrides=None):
     config = {}
     for key, (kind, options) in TRAINING_KEYS.items():
         config[key] = P.get(merged, key, kind, **options)
+    for key in POSITIVE:
+        if config[key] <= 0:
+            raise UserError(f"params.yaml: '{key}' must be > 0, got {config[key]!r}")
     if not config["instruction"].strip():
         raise UserError("params.yaml: 'instruction' must not be empty")
     if not (config["finetune_vision_layers"] or config["finetune_language_layers"]):
         raise UserError("params.yaml: 'finetune_vision_layers' and 'finetune_language_layers' are both false (nothing to train)")
     if not (config["finetune_attention_modules"] or config["finetune_mlp_modules"]):
         raise UserError("params.yaml: 'finetune_attention_modules' and 'finetune_mlp_modules' are both false (nothing to train)")
-    if config["val_ratio"] <= 0:
-        raise UserError("params.yaml: 'val_ratio' must be > 0 (validation picks the best checkpoint)")
     return config
 
 
@@ -96,6 +98,230 @@ def split_train_val(rows, val_ratio, seed):
     return train, val
 
 
+def choose_backend(config):
+    """'unsloth' on CUDA with unsloth installed (or when asked), else 'transformers'; refuses what cannot run."""
+    import importlib.util
+
+    import torch
+
+    cuda, has_unsloth = torch.cuda.is_available(), importlib.util.find_spec("unsloth") is not None
+    backend = config["backend"]
+    if backend == "auto":
+        backend = "unsloth" if cuda and has_unsloth else "transformers"
+    if backend == "unsloth" and not cuda:
+        raise UserError("params.yaml: 'backend' unsloth needs a CUDA GPU (use 'auto' or 'transformers' on a CPU)")
+    if backend == "unsloth" and not has_unsloth:
+        raise UserError("params.yaml: 'backend' unsloth is not installed (pip install -r requirements-gpu.txt)")
+    return backend
+
+
+def lora_targets(model, config):
+    """Full names of the Linear layers LoRA wraps: the towers and module kinds the finetune_* flags pick."""
+    import torch
+
+    kinds = set()
+    if config["finetune_attention_modules"]:
+        kinds |= {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj"}
+    if config["finetune_mlp_modules"]:
+        kinds |= {"gate_proj", "up_proj", "down_proj", "fc1", "fc2"}
+    towers = [t for t, on in (("vision_tower", config["finetune_vision_layers"]),
+                              ("language_model", config["finetune_language_layers"])) if on]
+    names = [name for name, module in model.named_modules()
+             if name.rsplit(".", 1)[-1] in kinds and any(f".{t}." in f".{name}" for t in towers)
+             and (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Linear4bit")]
+    if not names:
+        raise UserError("params.yaml: the finetune_* flags select no Linear layer of this model")
+    return names
+
+
+def ocr_examples(rows, instruction):
+    """TRL conversational prompt/completion rows (stages/lib/prompt.py), images loaded as RGB."""
+    from .prompt import training_example
+
+    return [training_example(load_rgb(r["image_path"]), r["ocr_text"], instruction) for r in rows]
+
+
+def check_max_length(processor, dataset, max_length):
+    """max_seq_length keeps the start of a sequence: refuse one that would cut the prompt (image tokens)."""
+    if max_length is None:
+        return
+    row = dataset[0]
+    text = processor.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+    prompt_len = processor(text=[text], images=[row["images"]], add_special_tokens=False)["input_ids"]
+    if max_length <= len(prompt_len[0]):
+        raise UserError(f"params.yaml: 'max_seq_length' {max_length} would cut the prompt of {len(prompt_len[0])} "
+                        "tokens, image tokens included (raise it, or null for no limit)")
+
+
+class LiveCallback:
+    """dvclive logging inside a stage (no dvc.yaml rewrite, no experiment): train loss at every
+    logging step, eval_loss at every evaluation, x = the trainer's global step."""
+
+    def __new__(cls, live_dir, resume=False):
+        from dvclive import Live
+        from transformers import TrainerCallback
+
+        class _Live(TrainerCallback):
+            def __init__(self):
+                self.live = Live(dir=str(live_dir), resume=resume, dvcyaml=False, save_dvc_exp=False, report=None)
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                metrics = {("train/loss" if k == "loss" else k.replace("eval_", "eval/", 1)): v
+                           for k, v in (logs or {}).items() if k in ("loss", "eval_loss")}
+                if metrics:
+                    self.live.step = state.global_step
+                    for name, value in metrics.items():
+                        self.live.log_metric(name, float(value))
+                    self.live.make_summary()
+
+            def on_train_end(self, args, state, control, **kwargs):
+                self.live.end()
+        return _Live()
+
+
+def load_for_training(config, base_dir, backend):
+    """(model with LoRA adapters, processor) for the chosen backend."""
+    import torch
+
+    from .modeling import load_model, load_processor
+
+    processor = load_processor(base_dir)
+    if backend == "unsloth":
+        from unsloth import FastVisionModel
+
+        model, _ = FastVisionModel.from_pretrained(str(base_dir), load_in_4bit=config["load_in_4bit"],
+                                                   use_gradient_checkpointing="unsloth")
+        model = FastVisionModel.get_peft_model(
+            model, r=config["lora_r"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
+            finetune_vision_layers=config["finetune_vision_layers"],
+            finetune_language_layers=config["finetune_language_layers"],
+            finetune_attention_modules=config["finetune_attention_modules"],
+            finetune_mlp_modules=config["finetune_mlp_modules"], bias="none", random_state=config["seed"])
+        return model, processor
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = load_model(base_dir, load_in_4bit=config["load_in_4bit"])
+    if config["load_in_4bit"]:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=torch.cuda.is_available())
+    lora = LoraConfig(r=config["lora_r"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
+                      target_modules=lora_targets(model, config), modules_to_save=["multi_modal_projector"],
+                      bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora), processor
+
+
+def sft_config(config, checkpoint_dir, backend):
+    import torch
+    from trl import SFTConfig
+
+    cuda = torch.cuda.is_available()
+    bf16 = (cuda and torch.cuda.is_bf16_supported()) or config["load_in_4bit"]  # 4-bit on CPU: bf16 autocast
+    report_to = [t.strip() for t in config["report_to"].split(",") if t.strip() and t.strip() != "none"]
+    extra = {}
+    if backend == "unsloth":  # what UnslothVisionDataCollator wants
+        extra = {"remove_unused_columns": False, "dataset_text_field": "", "dataset_kwargs": {"skip_prepare_dataset": True}}
+    return SFTConfig(
+        output_dir=str(checkpoint_dir), seed=config["seed"], data_seed=config["seed"],
+        learning_rate=config["learning_rate"], num_train_epochs=config["num_train_epochs"],
+        per_device_train_batch_size=config["per_device_train_batch_size"],
+        per_device_eval_batch_size=config["per_device_train_batch_size"],
+        gradient_accumulation_steps=config["gradient_accumulation_steps"],
+        warmup_steps=config["warmup_ratio"], weight_decay=config["weight_decay"], lr_scheduler_type="cosine",
+        max_grad_norm=1.0, logging_steps=config["logging_steps"], eval_strategy="steps",
+        eval_steps=config["eval_steps"], save_strategy="steps", save_steps=config["eval_steps"], save_total_limit=2,
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+        max_length=config["max_seq_length"], completion_only_loss=True, bf16=bf16,
+        gradient_checkpointing=cuda and backend != "unsloth", dataloader_pin_memory=cuda,
+        report_to=report_to or "none", **extra)
+
+
 def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callbacks=(), live_dir=None,
-                 resume=False, checkpoint_dir=None):
-    raise NotImplementedError("being written (issue 4)")
+                 resume=False, checkpoint_dir=None, measure_cer=True):
+    """Train LoRA adapters; save the best adapter + processor to output_dir; return the final metrics."""
+    import shutil
+    import time
+
+    import torch
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTTrainer
+
+    from .io import atomic_dir
+    from .modeling import char_error_rate, read_images
+
+    backend = choose_backend(config)
+    if config["load_in_4bit"] and backend == "transformers" and not torch.cuda.is_available():
+        print("note: load_in_4bit on the CPU: bitsandbytes NF4 with bf16 autocast (slow; meant for GPUs)")
+    checkpoint_dir = Path(checkpoint_dir or f"{output_dir}.checkpoints")
+    last = get_last_checkpoint(str(checkpoint_dir)) if resume and checkpoint_dir.is_dir() else None
+    if resume and last is None:
+        print(f"note: no checkpoint in {checkpoint_dir}: starting from the beginning")
+    if not last and checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    (checkpoint_dir / ".gitignore").write_text("*\n")  # never committed; deleted after a finished run
+
+    torch.manual_seed(config["seed"])
+    model, processor = load_for_training(config, base_dir, backend)
+    train_set, val_set = ocr_examples(train_rows, config["instruction"]), ocr_examples(val_rows, config["instruction"])
+    check_max_length(processor, val_set, config["max_seq_length"])
+    images = [row["images"][0] for row in val_set]
+    extra = {}
+    if backend == "transformers":
+        from datasets import Dataset
+
+        train_set, val_set = Dataset.from_list(train_set), Dataset.from_list(val_set)
+    else:  # unsloth's notebooks: plain lists of `messages` rows and its own collator
+        from unsloth.trainer import UnslothVisionDataCollator
+
+        train_set, val_set = [to_messages(r) for r in train_set], [to_messages(r) for r in val_set]
+        extra["data_collator"] = UnslothVisionDataCollator(
+            model, processor, train_on_responses_only=True,
+            instruction_part="<start_of_turn>user\n", response_part="<start_of_turn>model\n")
+    all_callbacks = list(callbacks) + ([LiveCallback(live_dir, resume=bool(last))] if live_dir else [])
+    trainer = SFTTrainer(model=model, args=sft_config(config, checkpoint_dir, backend), train_dataset=train_set,
+                         eval_dataset=val_set, processing_class=processor, callbacks=all_callbacks, **extra)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=last)
+    runtime = time.time() - start
+    final_eval = trainer.evaluate()  # the best checkpoint, reloaded by load_best_model_at_end
+    metrics = {
+        "train_loss": result.training_loss, "eval_loss": final_eval["eval_loss"],
+        "best_eval_loss": trainer.state.best_metric, "best_step": step_of(trainer.state.best_model_checkpoint),
+        "global_step": trainer.state.global_step, "runtime_s": round(runtime, 2),
+        "samples_per_second": result.metrics.get("train_samples_per_second"),
+        "trainable_params": trainable, "total_params": total, "train_rows": len(train_rows),
+        "val_rows": len(val_rows), "backend": backend, "load_in_4bit": config["load_in_4bit"],
+    }
+    if measure_cer:
+        if backend == "unsloth":
+            from unsloth import FastVisionModel
+
+            FastVisionModel.for_inference(model)
+        refs = [r["ocr_text"] for r in val_rows]
+        metrics["val_cer"] = char_error_rate(read_images(model, processor, images, config["instruction"]), refs)
+        with model.disable_adapter():
+            metrics["val_cer_base"] = char_error_rate(read_images(model, processor, images, config["instruction"]), refs)
+    with atomic_dir(output_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return metrics
+
+
+def step_of(checkpoint_path):
+    return int(str(checkpoint_path).rsplit("-", 1)[-1]) if checkpoint_path else None
+
+
+def load_rgb(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def to_messages(row):
+    """prompt/completion -> one `messages` conversation with the image inline (unsloth's collator)."""
+    user = {"role": "user", "content": [dict(part, image=row["images"][0]) if part["type"] == "image" else part
+                                        for part in row["prompt"][0]["content"]]}
+    return {"messages": [user, row["completion"][0]]}
