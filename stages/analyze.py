@@ -118,20 +118,21 @@ def plot_top_edits(analysis, path, k=15):
 # ---------------------------------------------------------------- training curves
 
 def read_tsv_series(path):
-    """(steps, values) from a dvclive metric file (step<TAB>value columns)."""
+    """(steps, values) from a dvclive metric file (timestamp, step, value columns); rows that do
+    not parse are skipped."""
     with open(path, encoding="utf-8") as f:
         rows = list(csv.reader(f, delimiter="\t"))
-    if len(rows) < 2:
+    if len(rows) < 2 or "step" not in rows[0]:
         return [], []
-    header = rows[0]
-    col = len(header) - 1
+    step_col, value_col = rows[0].index("step"), len(rows[0]) - 1
     steps, values = [], []
     for row in rows[1:]:
         try:
-            steps.append(float(row[header.index("step")]))
-            values.append(float(row[col]))
+            step, value = float(row[step_col]), float(row[value_col])
         except (ValueError, IndexError):
             continue
+        steps.append(step)
+        values.append(value)
     return steps, values
 
 
@@ -145,7 +146,7 @@ def plot_loss_curves(train_tsv, eval_tsv, path):
                 ax.plot(steps, values, style, label=label, ms=4)
                 drawn = True
     if not drawn:
-        ax.text(0.5, 0.5, "no loss curves found", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, f"no dvclive train/eval loss.tsv under {TRAIN_PLOTS}/", ha="center", va="center", transform=ax.transAxes)
     else:
         ax.legend()
     ax.set_xlabel("optimizer step")

@@ -81,6 +81,19 @@ def scored_result(rows, name, error_rate, seed):
             "samples": samples}
 
 
+def write_loss_curves(live_dir):
+    """Loss files written by dvclive itself, the way the train stage logs them."""
+    from dvclive import Live
+
+    live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+    for step in range(5, 201, 5):
+        live.step = step
+        live.log_metric("train/loss", 3 * math.exp(-step / 60) + 0.4)
+        if step % 25 == 0:
+            live.log_metric("eval/loss", 3 * math.exp(-step / 60) + 0.5)
+    live.end()
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A scratch project root holding every input of the analyze stage."""
@@ -113,11 +126,7 @@ def project(tmp_path_factory):
                            "tesseract": {"overall_cer": 0.0456, "overall_f1": 0.95, "total_samples": 30}}}
     (root / "metrics/score.json").write_text(json.dumps(score))
     (root / "metrics/train.json").write_text(json.dumps({"train_loss": 0.51, "eval_loss": 0.62}))
-    for kind, every in (("train", 5), ("eval", 25)):
-        folder = root / f"plots/train/plots/metrics/{kind}"
-        folder.mkdir(parents=True)
-        lines = "".join(f"{1700000000 + s}\t{s}\t{3 * math.exp(-s / 60) + 0.4}\n" for s in range(every, 201, every))
-        (folder / "loss.tsv").write_text("timestamp\tstep\tloss\n" + lines)
+    write_loss_curves(root / "plots/train")
     return root
 
 
@@ -139,6 +148,15 @@ def test_stage_writes_every_figure(project, stage_run):
     assert history[0] == "trial,value,best_value"
     best_so_far = [float(line.split(",")[2]) for line in history[1:]]
     assert best_so_far == sorted(best_so_far, reverse=True) and len(best_so_far) >= 2
+
+
+def test_loss_curves_are_read_from_dvclive_files(project):
+    from stages.analyze import find_loss_files, read_tsv_series
+
+    train, evaluation = find_loss_files(project / "plots/train")
+    assert train.parent.name == "train" and evaluation.parent.name == "eval"
+    steps, values = read_tsv_series(evaluation)
+    assert steps == [25.0 * k for k in range(1, 9)] and values[0] == pytest.approx(3 * math.exp(-25 / 60) + 0.5)
 
 
 def test_top_trials_table_is_ranked(project, stage_run):
