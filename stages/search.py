@@ -6,8 +6,9 @@
                                        "objective", "study_name", "timestamp", "skipped", "trials", "adapter"}
       models/search/best_config.json  the complete training config: params.yaml + the best values
       models/search/trials.csv        one row per trial: state, value, params, duration, error
-      models/search/trials/trial_N/   result.json for every trial; adapter/ only for the
-                                      `search.keep_best_adapters` best completed trials
+      models/search/trials/trial_N/   result.json and train.log (the trainer's output) for every
+                                      trial; adapter/ only for the `search.keep_best_adapters`
+                                      best completed trials
 
 Each trial trains like the train stage (same code, stages/lib/training.py) with params.yaml's
 training keys, then `search.trial_overrides` (shorter trials: num_train_epochs), then the values
@@ -110,8 +111,13 @@ def read_settings(params, args):
         "trial_overrides": g("trial_overrides", dict),
         "fixed": training_config(params, overrides=fixed),
     }
+    where = f"{args.config}: search_space" if args.config else "search.space"
     for values in [{}] + corners(specs):   # every end and choice of the space must make a valid config
-        S.trial_config(settings, values)
+        try:
+            S.trial_config(settings, values)
+        except UserError as err:
+            what = "search.trial_overrides" if not values else f"{where}.{next(iter(values))}={next(iter(values.values()))!r}"
+            raise UserError(f"{what}: invalid training config ({err})") from None
     return settings
 
 

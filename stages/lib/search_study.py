@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import redirect_stderr, redirect_stdout
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -166,6 +167,11 @@ def report_callback(trial):
     from transformers import TrainerCallback
 
     class ReportToOptuna(TrainerCallback):
+        training = True   # the trainer's evaluate() after training (best checkpoint) is not a step
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.training = False
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             loss = (logs or {}).get("loss")
             if loss is not None and not math.isfinite(loss):
@@ -173,7 +179,7 @@ def report_callback(trial):
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             value = (metrics or {}).get("eval_loss")
-            if value is None:
+            if value is None or not self.training:
                 return
             if not math.isfinite(value):
                 raise FloatingPointError(f"eval_loss is {value} at step {state.global_step}")
@@ -182,21 +188,6 @@ def report_callback(trial):
                 raise optuna.TrialPruned(f"eval_loss {value:.4f} at step {state.global_step}")
 
     return ReportToOptuna()
-
-
-def validation_cer(config, base_dir, adapter_dir, val_rows):
-    """Greedy CER of the trained adapter on the validation rows (objective val_cer)."""
-    from peft import PeftModel
-    from PIL import Image
-
-    from .modeling import char_error_rate, load_model, load_processor, read_images
-
-    model = PeftModel.from_pretrained(load_model(base_dir, load_in_4bit=config["load_in_4bit"]), str(adapter_dir))
-    processor = load_processor(adapter_dir if (Path(adapter_dir) / "preprocessor_config.json").is_file() else base_dir)
-    images = [Image.open(row["image_path"]).convert("RGB") for row in val_rows]
-    predictions = read_images(model, processor, images, config["instruction"])
-    del model
-    return char_error_rate(predictions, [row["ocr_text"] for row in val_rows])
 
 
 def trial_config(settings, values):
@@ -217,16 +208,15 @@ def make_objective(settings, base_dir, train_rows, val_rows, trials_dir, worker)
         adapter = trial_dir / "adapter"
         try:
             config = trial_config(settings, values)
-            metrics = run_training(config, base_dir, train_rows, val_rows, adapter,
-                                   callbacks=[report_callback(trial)], checkpoint_dir=trial_dir / "checkpoints")
+            trial_dir.mkdir(parents=True, exist_ok=True)
+            with open(trial_dir / "train.log", "w", encoding="utf-8") as log, redirect_stdout(log), redirect_stderr(log):
+                metrics = run_training(config, base_dir, train_rows, val_rows, adapter,
+                                       callbacks=[report_callback(trial)], checkpoint_dir=trial_dir / "checkpoints",
+                                       measure_cer=settings["objective"] == "val_cer")
             for key, value in metrics.items():
                 if isinstance(value, (int, float, str, bool)) or value is None:
                     trial.set_user_attr(key, value)
-            if settings["objective"] == "val_cer":
-                value = validation_cer(config, base_dir, adapter, val_rows)
-                trial.set_user_attr("val_cer", value)
-            else:
-                value = metrics["best_eval_loss"]
+            value = metrics["val_cer" if settings["objective"] == "val_cer" else "best_eval_loss"]
             if value is None or not math.isfinite(value):
                 raise FloatingPointError(f"{settings['objective']} is {value}")
             return float(value)
@@ -305,6 +295,8 @@ def gpu_ids():
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [g for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+    if not shutil.which("nvidia-smi"):   # no driver: no need to import torch to find out
+        return []
     try:
         import torch
 
@@ -369,6 +361,7 @@ def snapshot_to_sqlite(study_name, from_storage, sqlite_path):
     import optuna
 
     sqlite_path = Path(sqlite_path)
+    sqlite_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = sqlite_path.with_name(f".{sqlite_path.name}.tmp")
     tmp.unlink(missing_ok=True)
     optuna.copy_study(from_study_name=study_name, from_storage=from_storage, to_storage=f"sqlite:///{tmp}")
