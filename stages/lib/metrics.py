@@ -1,0 +1,247 @@
+"""OCR metrics: normalization, CER, bag-of-characters F1 and their aggregates (no torch import).
+
+Exact definitions (the README copies this section)
+--------------------------------------------------
+normalize(s)
+    1. Unicode NFC.
+    2. Full-width ASCII forms U+FF01..U+FF5E become U+0021..U+007E, and U+3000 (ideographic
+       space) becomes a space. No global NFKC (it would also change circled digits, units, ...).
+    3. Remove every whitespace character (those for which Python's `str.isspace()` is true;
+       zero-width characters such as U+200B are not whitespace and are kept).
+    4. Remove every character of Python's `string.punctuation` and every character whose Unicode
+       category starts with "P" (CJK punctuation such as ，。「」、 included).
+    Case is kept. Symbols that are not punctuation (¥ © → ...) are kept, except those in
+    `string.punctuation` ($ % + < = > ^ ` | ~ and their full-width forms are removed).
+    Lengths are counted in code points (an emoji is 1; a ZWJ emoji sequence is several).
+
+Per sample, on the normalized reference r and prediction p (d = Levenshtein distance, unit costs):
+    CER  = d / len(r); when r is empty: 0 if p is empty, else 1. It can exceed 1.
+    F1   : common = size of the multiset intersection of the characters of r and p;
+           P = common/len(p), R = common/len(r), F1 = 2PR/(P+R) = 2*common/(len(r)+len(p));
+           F1 = 0 when common is 0, and F1 = 1 when r and p are both empty.
+           Character order does not matter: a scrambled prediction can have F1 1 and CER > 0.
+    NED  = d / max(len(r), len(p)) (bounded normalized edit distance, 0..1); 0 when both empty.
+
+Over the scored samples (samples with an `error` field are never scored: they are counted in
+failed_samples and left out of every figure):
+    overall_cer    = sum(d) / sum(len(r))  (corpus CER, the original's overall figure; when
+                     sum(len(r)) is 0: 0 if sum(d) is 0, else 1)
+    overall_f1     = mean of per-sample F1 (the original's overall figure)
+    macro_cer      = mean of per-sample CER
+    micro_f1       = 2*sum(common) / (sum(len(r)) + sum(len(p))) (F1 of summed counts; 1 when both
+                     sums are 0, 0 when sum(common) is 0)
+    exact_match    = share of samples whose normalized prediction equals the normalized reference
+    normalized_edit_distance = mean of per-sample NED
+    empty_predictions = number of samples whose prediction is empty after normalization
+    *_ci95_low/high = 95% percentile bootstrap interval of overall_cer and overall_f1: B resamples
+                     of the n samples with replacement (B = score.bootstrap_samples, seeded by
+                     score.seed), the 2.5th and 97.5th percentiles (linear interpolation).
+
+How the bootstrap stays cheap: a resample of n indices is a multinomial draw of how often each
+sample is picked, and samples with the same (d, len(r)) (for CER) or the same F1 (for F1) are
+interchangeable, so we draw counts per distinct value (numpy's multinomial, a few thousand
+values) instead of n indices per resample. Same distribution, independent of sample order.
+"""
+import string
+import unicodedata
+from itertools import accumulate
+
+from rapidfuzz.distance import Indel, Levenshtein
+
+FULLWIDTH_FIRST, FULLWIDTH_LAST, FULLWIDTH_OFFSET = 0xFF01, 0xFF5E, 0xFEE0
+IDEOGRAPHIC_SPACE = 0x3000
+# Every whitespace and P* code point lies below U+20000 (planes 2-16 hold CJK extensions, tags
+# and private use; tests/test_metrics.py checks this against a full scan), so the table covers
+# planes 0-1 only and code points above it are kept as they are (str.translate's LookupError rule).
+TABLE_SIZE = 0x20000
+
+
+def is_removed(char):
+    """True for the characters that normalization deletes (after full-width folding)."""
+    return char.isspace() or char in string.punctuation or unicodedata.category(char).startswith("P")
+
+
+def build_table(size=TABLE_SIZE):
+    """A str.translate table as a list indexed by code point: None deletes, an int maps.
+
+    A list lookup is about twice as fast as a dict lookup in str.translate, and translate runs
+    the whole string in C, where a per-character Python loop would dominate scoring time."""
+    table = [None if is_removed(chr(code)) else code for code in range(size)]
+    # Folding first and removing second is one lookup: a full-width form is deleted exactly
+    # when its ASCII counterpart is (every full-width non-alphanumeric folds into string.punctuation).
+    for code in range(FULLWIDTH_FIRST, FULLWIDTH_LAST + 1):
+        ascii_char = chr(code - FULLWIDTH_OFFSET)
+        table[code] = None if is_removed(ascii_char) else ord(ascii_char)
+    table[IDEOGRAPHIC_SPACE] = None  # folds to a space, which is removed
+    return table
+
+
+_TABLE = None
+
+
+def normalize(text):
+    """The normalized form of `text` (see the module docstring)."""
+    global _TABLE
+    if _TABLE is None:
+        _TABLE = build_table()
+    return unicodedata.normalize("NFC", text).translate(_TABLE)
+
+
+def normalize_many(texts):
+    normalize("")  # build the table once
+    nfc, table = unicodedata.normalize, _TABLE
+    return [nfc("NFC", t).translate(table) for t in texts]
+
+
+# ---------------------------------------------------------------- per sample
+
+def common_count(ref, pred):
+    """Size of the multiset intersection of the characters of ref and pred: the LCS of the two
+    strings with their characters sorted (rapidfuzz's Indel distance = len + len - 2 * LCS)."""
+    return (len(ref) + len(pred) - Indel.distance("".join(sorted(ref)), "".join(sorted(pred)))) // 2
+
+
+def common_counts(refs, preds):
+    """common_count of many pairs; the characters of all strings are sorted in one numpy sort."""
+    distances = map(Indel.distance, sort_characters(refs), sort_characters(preds))
+    return [(len(r) + len(p) - d) // 2 for r, p, d in zip(refs, preds, distances)]
+
+
+def sort_characters(texts):
+    """Each string with its characters in code point order, like "".join(sorted(t)) per string.
+
+    One numpy sort of (string index << 21 | code point) keys sorts every string in place
+    (code points are < 2**21); sorting string by string in Python costs about 3 times more."""
+    import numpy as np
+
+    lengths = list(map(len, texts))
+    code_points = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    keys = np.repeat(np.arange(len(texts), dtype=np.uint64), lengths) << np.uint64(21) | code_points
+    keys.sort()
+    joined = (keys & np.uint64(0x1FFFFF)).astype(np.uint32).tobytes().decode("utf-32-le", "surrogatepass")
+    ends = accumulate(lengths)
+    return [joined[end - length:end] for end, length in zip(ends, lengths)]
+
+
+def cer_value(distance, ref_len):
+    """CER from counts: distance / ref_len; an empty reference scores 0 if nothing was predicted."""
+    if ref_len:
+        return distance / ref_len
+    return 0.0 if distance == 0 else 1.0
+
+
+def f1_value(common, ref_len, pred_len):
+    """F1 from counts: 2*common/(ref_len+pred_len); 1 when both are empty, 0 when nothing matches."""
+    if ref_len == 0 and pred_len == 0:
+        return 1.0
+    return 2 * common / (ref_len + pred_len)
+
+
+def ned_value(distance, ref_len, pred_len):
+    longest = max(ref_len, pred_len)
+    return distance / longest if longest else 0.0
+
+
+def cer(reference, prediction):
+    """CER of one pair of strings as given (normalize them first for the normalized figure)."""
+    return cer_value(Levenshtein.distance(reference, prediction), len(reference))
+
+
+def f1(reference, prediction):
+    """Bag-of-characters F1 of one pair of strings as given."""
+    return f1_value(common_count(reference, prediction), len(reference), len(prediction))
+
+
+def corpus_cer(references, predictions):
+    """Summed distances / summed reference lengths over pairs of strings as given."""
+    distance = sum(map(Levenshtein.distance, references, predictions))
+    return cer_value(distance, sum(map(len, references)))
+
+
+# ---------------------------------------------------------------- many samples
+
+def score_pairs(refs, preds):
+    """Per-sample counts and scores of already-normalized pairs, as parallel numpy arrays.
+
+    The same rules as cer_value/f1_value/ned_value, applied to whole arrays at once."""
+    import numpy as np
+
+    n = len(refs)
+    distance = np.fromiter(map(Levenshtein.distance, refs, preds), dtype=np.int64, count=n)
+    ref_len = np.fromiter(map(len, refs), dtype=np.int64, count=n)
+    pred_len = np.fromiter(map(len, preds), dtype=np.int64, count=n)
+    longest = np.maximum(ref_len, pred_len)
+    # When the distance is just the length difference, the shorter string is a subsequence of
+    # the longer and shares all its characters (exact matches included): only the others need
+    # the sort-based count, which is the costliest step of scoring.
+    common = np.minimum(ref_len, pred_len)
+    rest = np.flatnonzero(distance != longest - common).tolist()
+    common[rest] = common_counts([refs[i] for i in rest], [preds[i] for i in rest])
+    return {
+        "distance": distance,
+        "ref_len": ref_len,
+        "pred_len": pred_len,
+        "common": common,
+        "cer": np.where(ref_len > 0, distance / np.maximum(ref_len, 1), np.where(distance == 0, 0.0, 1.0)),
+        "f1": np.where(longest > 0, 2 * common / np.maximum(ref_len + pred_len, 1), 1.0),
+        "ned": np.where(longest > 0, distance / np.maximum(longest, 1), 0.0),
+        "exact": distance == 0,
+    }
+
+
+def summarize(scores, bootstrap_samples, seed):
+    """The aggregate figures (module docstring) of score_pairs' output, as Python numbers."""
+    n = len(scores["distance"])
+    if n == 0:
+        raise ValueError("summarize needs at least one scored sample")
+    total_d, total_ref = int(scores["distance"].sum()), int(scores["ref_len"].sum())
+    total_pred, total_common = int(scores["pred_len"].sum()), int(scores["common"].sum())
+    summary = {
+        "overall_cer": cer_value(total_d, total_ref),
+        "overall_f1": float(scores["f1"].mean()),
+        "macro_cer": float(scores["cer"].mean()),
+        "micro_f1": f1_value(total_common, total_ref, total_pred),
+        "exact_match": float(scores["exact"].mean()),
+        "normalized_edit_distance": float(scores["ned"].mean()),
+        "empty_predictions": int((scores["pred_len"] == 0).sum()),
+    }
+    if bootstrap_samples > 0:
+        (cer_lo, cer_hi), (f1_lo, f1_hi) = bootstrap_intervals(scores, bootstrap_samples, seed)
+        summary.update(overall_cer_ci95_low=cer_lo, overall_cer_ci95_high=cer_hi,
+                       overall_f1_ci95_low=f1_lo, overall_f1_ci95_high=f1_hi)
+    return summary
+
+
+def bootstrap_intervals(scores, resamples, seed, level=0.95):
+    """Percentile bootstrap intervals ((low, high) of overall_cer, (low, high) of overall_f1)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n = len(scores["distance"])
+    tail = (1 - level) / 2
+
+    # overall_cer of a resample = sum(d) / sum(len(r)): draw how often each distinct (d, len(r))
+    # pair is picked. np.unique sorts, so the groups do not depend on the order of the samples.
+    width = int(scores["ref_len"].max()) + 1
+    pairs, sizes = np.unique(scores["distance"] * width + scores["ref_len"], return_counts=True)
+    counts = _resample_counts(rng, n, sizes, resamples)
+    sum_d, sum_ref = counts @ (pairs // width), counts @ (pairs % width)
+    cers = np.where(sum_ref > 0, sum_d / np.maximum(sum_ref, 1), np.where(sum_d == 0, 0.0, 1.0))
+
+    # overall_f1 of a resample = mean F1: draw how often each distinct F1 value is picked.
+    values, sizes = np.unique(scores["f1"], return_counts=True)
+    f1s = _resample_counts(rng, n, sizes, resamples) @ values / n
+
+    return tuple(tuple(float(q) for q in np.quantile(stat, [tail, 1 - tail])) for stat in (cers, f1s))
+
+
+def _resample_counts(rng, n, group_sizes, resamples, max_cells=4_000_000):
+    """(resamples x groups) array: how often each group is picked when n samples are drawn with
+    replacement; drawn in chunks so that memory stays bounded when there are many groups."""
+    import numpy as np
+
+    probabilities = group_sizes / n
+    rows = max(1, max_cells // len(group_sizes))
+    chunks = [rng.multinomial(n, probabilities, size=min(rows, resamples - start))
+              for start in range(0, resamples, rows)]
+    return np.concatenate(chunks)

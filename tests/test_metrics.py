@@ -1,0 +1,217 @@
+"""stages/lib/metrics.py: every rule of the definitions, with values worked out by hand."""
+import random
+import unicodedata
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from stages.lib import metrics as M
+
+
+def scored(pairs, bootstrap_samples=0, seed=0):
+    refs = M.normalize_many([r for r, _ in pairs])
+    preds = M.normalize_many([p for _, p in pairs])
+    return M.summarize(M.score_pairs(refs, preds), bootstrap_samples, seed)
+
+
+# ---------------------------------------------------------------- normalize
+
+@pytest.mark.parametrize("text, expected", [
+    ("ＡＢＣ１２３ａｂｃ", "ABC123abc"),             # full-width letters and digits fold to ASCII
+    ("Ａ，Ｂ！Ｃ？", "ABC"),                         # full-width punctuation goes
+    ("＄５＋＜＝＞＾｀｜～", "5"),                  # full-width forms of string.punctuation symbols go
+    ("台北\u3000市", "台北市"),                     # ideographic space
+    (" a\tb\nc\u00a0d\u2003e ", "abcde"),           # every whitespace, no-break and em space too
+    ("「你好」，世界。、…—〜・《》【】", "你好世界"),  # CJK punctuation (categories P*)
+    ("¥100 ©→ %$#", "¥100©→"),                      # symbols kept unless in string.punctuation
+    ("￥５", "￥5"),                                 # U+FFE5 is outside U+FF01..FF5E: kept as is
+    ("AbC", "AbC"),                                 # case kept
+    ("ﬁ①㎏", "ﬁ①㎏"),                               # no NFKC: ligature, circled digit, unit kept
+    ("x\u200by", "x\u200by"),                       # zero-width space is not whitespace
+    ("👍 ok!", "👍ok"),                             # emoji is a symbol (plane 1, beyond the BMP)
+    ("a\U0001E95Eb\U00010100c", "abc"),             # plane-1 punctuation (Adlam, Aegean) goes
+    ("\U00020000\U000E0041", "\U00020000\U000E0041"),  # planes 2+ (CJK Ext. B, tags) kept
+    ("", ""),
+])
+def test_normalize(text, expected):
+    assert M.normalize(text) == expected
+
+
+def test_normalize_composes_nfc():
+    decomposed = "e\u0301"  # e + combining acute
+    assert M.normalize(decomposed) == "\u00e9"
+    assert len(M.normalize("Cafe\u0301")) == 4
+    assert M.cer(M.normalize("caf\u00e9"), M.normalize("cafe\u0301")) == 0.0
+
+
+def test_table_matches_a_full_scan_of_unicode():
+    # The table stops at U+1FFFF; a full scan must find no character to delete above it,
+    # else str.translate would keep it.
+    above = [c for c in range(M.TABLE_SIZE, 0x110000) if M.is_removed(chr(c))]
+    assert above == []
+
+
+def test_normalize_many_equals_normalize():
+    texts = ["Ａ，b", "", "e\u0301 !", "中文。"]
+    assert M.normalize_many(texts) == [M.normalize(t) for t in texts]
+
+
+def test_normalize_matches_a_per_character_definition():
+    # A slow, literal reading of the definition: NFC, fold, then drop whitespace/punctuation.
+    def literal(text):
+        text = unicodedata.normalize("NFC", text)
+        text = "".join(chr(ord(c) - 0xFEE0) if 0xFF01 <= ord(c) <= 0xFF5E else " " if c == "\u3000" else c
+                       for c in text)
+        return "".join(c for c in text if not M.is_removed(c))
+    rng = random.Random(3)
+    pool = [chr(c) for c in range(0x20, 0x250)] + [chr(c) for c in range(0x3000, 0x3040)] + \
+           [chr(c) for c in range(0xFF00, 0xFF70)] + ["\U0001F600", "\u0301", "中", "\U0001E95E"]
+    for _ in range(500):
+        text = "".join(rng.choice(pool) for _ in range(rng.randint(0, 30)))
+        assert M.normalize(text) == literal(text), text
+
+
+# ---------------------------------------------------------------- per sample
+
+def test_cer_and_f1_hand_checked():
+    assert M.cer("abcd", "abce") == 0.25                   # one substitution / 4
+    assert M.f1("aab", "abb") == pytest.approx(2 / 3)      # common {a:1, b:1} = 2; P = R = 2/3
+    assert M.cer("aab", "abb") == pytest.approx(1 / 3)
+    assert M.f1("abc", "xyz") == 0.0                       # nothing in common
+
+
+def test_both_empty():
+    assert M.cer("", "") == 0.0
+    assert M.f1("", "") == 1.0
+
+
+def test_reference_empty_after_normalization():
+    ref = M.normalize("。！ ")
+    assert ref == ""
+    assert M.cer(ref, M.normalize("abc")) == 1.0
+    assert M.f1(ref, M.normalize("abc")) == 0.0
+    assert M.cer(ref, M.normalize("，")) == 0.0           # both empty after normalization
+    assert M.f1(ref, M.normalize("，")) == 1.0
+
+
+def test_empty_prediction():
+    assert M.cer("abc", "") == 1.0
+    assert M.f1("abc", "") == 0.0
+
+
+def test_cer_above_one():
+    assert M.cer("ab", "xyzw") == 2.0   # 2 substitutions + 2 insertions over 2 characters
+
+
+def test_scrambled_order_f1_one_cer_above_zero():
+    assert M.f1("abc", "cba") == 1.0
+    assert M.cer("abc", "cba") == pytest.approx(2 / 3)    # swap a and c: 2 substitutions
+
+
+def test_code_points_emoji_and_cjk():
+    assert M.cer("👍", "👎") == 1.0
+    assert M.cer("台灣", "臺灣") == 0.5
+    assert M.f1("台灣", "臺灣") == 0.5
+    assert len(M.normalize("👨\u200d👩\u200d👧")) == 5   # a ZWJ sequence counts its code points
+
+
+def test_ned_is_bounded():
+    assert M.ned_value(4, 2, 4) == 1.0
+    assert M.ned_value(0, 0, 0) == 0.0
+    assert M.ned_value(1, 4, 4) == 0.25
+
+
+def test_batch_scores_equal_single_pair_functions():
+    # Random strings with many repeats exercise the numpy sort and the subsequence shortcut.
+    rng = random.Random(0)
+    pool = "aab😀c的的一\ud800"
+    refs = ["".join(rng.choice(pool) for _ in range(rng.randint(0, 9))) for _ in range(2000)]
+    preds = [r if rng.random() < 0.3 else "".join(rng.choice(pool) for _ in range(rng.randint(0, 9))) for r in refs]
+    scores = M.score_pairs(refs, preds)
+    assert scores["common"].tolist() == [sum((Counter(r) & Counter(p)).values()) for r, p in zip(refs, preds)]
+    assert scores["cer"].tolist() == [M.cer(r, p) for r, p in zip(refs, preds)]
+    assert scores["f1"].tolist() == [M.f1(r, p) for r, p in zip(refs, preds)]
+    assert scores["ned"].tolist() == [M.ned_value(d, len(r), len(p)) for d, r, p in zip(scores["distance"], refs, preds)]
+    assert M.sort_characters(["ba", "", "c😀a"]) == ["ab", "", "ac😀"]
+
+
+# ---------------------------------------------------------------- aggregates
+
+def test_aggregates_hand_checked():
+    s = scored([("abcd", "abce"), ("ab", "")])
+    assert s["overall_cer"] == 0.5                    # (1 + 2) / (4 + 2)
+    assert s["macro_cer"] == 0.625                    # (0.25 + 1) / 2
+    assert s["overall_f1"] == 0.375                   # (0.75 + 0) / 2
+    assert s["micro_f1"] == 0.6                       # 2 * 3 / (6 + 4)
+    assert s["exact_match"] == 0.0
+    assert s["normalized_edit_distance"] == 0.625     # (1/4 + 2/2) / 2
+    assert s["empty_predictions"] == 1
+
+
+def test_aggregates_with_empty_references():
+    s = scored([("。", ""), ("！", "")])             # every reference and prediction empty
+    assert (s["overall_cer"], s["overall_f1"], s["micro_f1"], s["exact_match"]) == (0.0, 1.0, 1.0, 1.0)
+    s = scored([("。", "x"), ("！", "")])
+    assert s["overall_cer"] == 1.0 and s["macro_cer"] == 0.5 and s["overall_f1"] == 0.5
+
+
+def test_fullwidth_prediction_is_not_an_error():
+    s = scored([("ABC 123", "ＡＢＣ１２３"), ("價格：100元", "價格:１００元")])
+    assert s["overall_cer"] == 0.0 and s["overall_f1"] == 1.0 and s["exact_match"] == 1.0
+
+
+# ---------------------------------------------------------------- bootstrap
+
+def make_scores(n, seed):
+    rng = random.Random(seed)
+    refs = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 12))) for _ in range(n)]
+    preds = [r if rng.random() < 0.4 else r[: rng.randint(0, len(r))] + rng.choice("axyz") for r in refs]
+    return M.score_pairs(refs, preds)
+
+
+def test_bootstrap_is_seeded_and_brackets_the_estimate():
+    scores = make_scores(2000, 1)
+    s1, s2 = M.summarize(scores, 1000, 7), M.summarize(scores, 1000, 7)
+    assert s1 == s2
+    assert M.summarize(scores, 1000, 8)["overall_cer_ci95_low"] != s1["overall_cer_ci95_low"]
+    assert s1["overall_cer_ci95_low"] < s1["overall_cer"] < s1["overall_cer_ci95_high"]
+    assert s1["overall_f1_ci95_low"] < s1["overall_f1"] < s1["overall_f1_ci95_high"]
+
+
+def test_bootstrap_does_not_depend_on_sample_order():
+    scores = make_scores(500, 2)
+    order = np.random.default_rng(0).permutation(500)
+    shuffled = {k: v[order] for k, v in scores.items()}
+    assert M.bootstrap_intervals(scores, 300, 0) == M.bootstrap_intervals(shuffled, 300, 0)
+
+
+def test_bootstrap_matches_plain_index_resampling():
+    # Drawing counts per distinct value must give the distribution of resampling indices.
+    scores = make_scores(300, 3)
+    rng = np.random.default_rng(1)
+    idx = rng.integers(0, 300, size=(4000, 300))
+    cers = scores["distance"][idx].sum(1) / scores["ref_len"][idx].sum(1)
+    f1s = scores["f1"][idx].mean(1)
+    (cer_lo, cer_hi), (f1_lo, f1_hi) = M.bootstrap_intervals(scores, 4000, 0)
+    spread_cer, spread_f1 = np.quantile(cers, 0.975) - np.quantile(cers, 0.025), np.quantile(f1s, 0.975) - np.quantile(f1s, 0.025)
+    assert abs(cer_lo - np.quantile(cers, 0.025)) < 0.05 * spread_cer + 1e-9
+    assert abs(cer_hi - np.quantile(cers, 0.975)) < 0.05 * spread_cer + 1e-9
+    assert abs(f1_lo - np.quantile(f1s, 0.025)) < 0.05 * spread_f1 + 1e-9
+    assert abs(f1_hi - np.quantile(f1s, 0.975)) < 0.05 * spread_f1 + 1e-9
+
+
+def test_bootstrap_of_identical_samples_is_a_point():
+    s = scored([("abcd", "abce")] * 50, bootstrap_samples=200)
+    assert s["overall_cer_ci95_low"] == s["overall_cer_ci95_high"] == 0.25
+    assert s["overall_f1_ci95_low"] == s["overall_f1_ci95_high"] == 0.75
+
+
+def test_bootstrap_with_all_empty_references_uses_the_empty_rule():
+    s = scored([("。", "x"), ("！", "")] * 10, bootstrap_samples=200)
+    assert 0.0 <= s["overall_cer_ci95_low"] <= s["overall_cer_ci95_high"] <= 1.0
+    assert s["overall_cer_ci95_high"] == 1.0
+
+
+def test_bootstrap_zero_means_no_interval():
+    assert "overall_cer_ci95_low" not in scored([("a", "a")], bootstrap_samples=0)
