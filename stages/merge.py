@@ -99,7 +99,7 @@ def main(argv=None):
 
     base_dir = resolve_base_dir(args.base)
     base_config = M.check_base(base_dir)
-    M.read_adapter(args.adapter)
+    M.note_trained_base(M.read_adapter(args.adapter), base_dir)
     dtype_name, torch_dtype = M.pick_dtype(args.dtype)
     tolerance = args.tolerance or M.TOLERANCE[dtype_name]
     size = M.merged_size_bytes(base_dir, torch_dtype.itemsize)
@@ -124,7 +124,7 @@ def main(argv=None):
             M.free_memory()
         files = M.finish_folder(tmp, base_config, processor)
         # 3. Parity: the folder as a server will load it, processor included.
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoProcessor
 
         merged = M.load_base(tmp, torch_dtype)
         runs = M.greedy_with_logits(merged, AutoProcessor.from_pretrained(str(tmp)), images, instruction,

@@ -97,6 +97,14 @@ def read_adapter(adapter_dir):
     return config
 
 
+def note_trained_base(adapter_config, base_dir):
+    """Say so when the adapter names another base folder. Only a note: the same checkpoint can
+    sit at another path (trained elsewhere); check_adapter_fits refuses what cannot fit."""
+    named = adapter_config.get("base_model_name_or_path")
+    if named and Path(named).exists() and Path(named).resolve() != Path(base_dir).resolve():
+        print(f"note: the adapter was trained on {named}; merging it into {base_dir}")
+
+
 def check_adapter_fits(model, adapter_dir):
     """Every adapter tensor must land on a module of this base with matching shapes.
 
