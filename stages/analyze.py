@@ -136,7 +136,8 @@ def read_tsv_series(path):
     return steps, values
 
 
-def plot_loss_curves(train_tsv, eval_tsv, path):
+def plot_loss_curves(train_tsv, eval_tsv, path, best_step=None):
+    """Train and eval loss by optimizer step; a dotted line marks the kept (best) checkpoint."""
     fig, ax = new_figure(9, 4.5)
     drawn = False
     for label, tsv, style in (("train loss", train_tsv, "-"), ("eval loss", eval_tsv, "o-")):
@@ -145,6 +146,8 @@ def plot_loss_curves(train_tsv, eval_tsv, path):
             if steps:
                 ax.plot(steps, values, style, label=label, ms=4)
                 drawn = True
+    if drawn and isinstance(best_step, (int, float)):
+        ax.axvline(best_step, color="gray", ls=":", label=f"best checkpoint (step {best_step:g})")
     if not drawn:
         ax.text(0.5, 0.5, f"no dvclive train/eval loss.tsv under {TRAIN_PLOTS}/", ha="center", va="center", transform=ax.transAxes)
     else:
@@ -194,13 +197,28 @@ def summary_markdown(score, best, counts, train):
     lines += ["", "CER: summed edit distance / summed reference length on normalized text (may exceed 1); "
               "F1: mean per-sample bag-of-characters F1; intervals: seeded bootstrap.", ""]
     lines += search_summary(best, counts)
-    if isinstance(train, dict) and train:
-        shown = {k: v for k, v in train.items() if isinstance(v, (int, float)) and "loss" in k}
-        if shown:
-            lines += ["", "Final training: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())) + "."]
+    if train_line(train):
+        lines += ["", train_line(train)]
     lines += ["", "Figures: `plots/analysis/*.png`, `plots/score/*.png`; the worst samples with their images: "
               "`reports/errors.html`; the best trials: `reports/top_trials.md`."]
     return "\n".join(lines) + "\n"
+
+
+def train_line(train):
+    """One sentence from metrics/train.json (the keys that are there), or ''."""
+    num = lambda key: train.get(key) if isinstance(train.get(key), (int, float)) else None  # noqa: E731
+    parts = []
+    if num("train_loss") is not None:
+        parts.append(f"train loss {num('train_loss'):.4g}")
+    if num("eval_loss") is not None:
+        step = f" (best checkpoint, step {num('best_step')} of {num('global_step')})" if num("best_step") is not None else ""
+        parts.append(f"eval loss {num('eval_loss'):.4g}{step}")
+    if num("val_cer") is not None:
+        base = f" (base {num('val_cer_base'):.4f})" if num("val_cer_base") is not None else ""
+        parts.append(f"validation CER {num('val_cer'):.4f}{base}")
+    if num("runtime_s") is not None:
+        parts.append(f"{num('runtime_s'):.0f} s")
+    return f"Final training: {', '.join(parts)}." if parts else ""
 
 
 def search_summary(best, counts):
@@ -289,7 +307,7 @@ def run_stage(args, params):
             table, notes, counts = analyze_study(STORAGE, [inputs["study_name"]], plot_dir, args.top_n,
                                                  report_dir / "search.html")
         plot_top_edits(analyses["fine-tuned"], plot_dir / "errors_top_edits.png", k=args.top_k_errors)
-        plot_loss_curves(*find_loss_files(TRAIN_PLOTS), plot_dir / "train_loss.png")
+        plot_loss_curves(*find_loss_files(TRAIN_PLOTS), plot_dir / "train_loss.png", inputs["train"].get("best_step"))
         atomic_write_text(report_dir / "errors.html", report.errors_html(analyses, args.worst_n))
         atomic_write_json(report_dir / "errors.json", report.analysis_json(analyses))
         atomic_write_text(report_dir / "top_trials.md", table)

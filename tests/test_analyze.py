@@ -125,7 +125,8 @@ def project(tmp_path_factory):
                                     "overall_f1": 0.2, "total_samples": 30},
                            "tesseract": {"overall_cer": 0.0456, "overall_f1": 0.95, "total_samples": 30}}}
     (root / "metrics/score.json").write_text(json.dumps(score))
-    (root / "metrics/train.json").write_text(json.dumps({"train_loss": 0.51, "eval_loss": 0.62}))
+    (root / "metrics/train.json").write_text(json.dumps({"train_loss": 0.51, "eval_loss": 0.62, "best_step": 150,
+                                                          "global_step": 200, "val_cer": 0.031, "val_cer_base": 0.7}))
     write_loss_curves(root / "plots/train")
     return root
 
@@ -184,6 +185,8 @@ def test_summary_table(project, stage_run):
     best = json.loads((project / "models/search/best_params.json").read_text())
     assert f"best trial #{best['trial']}, eval_loss {best['value']:.6g}" in summary and "| lora_r |" in summary
     assert "12 trials (" in summary and "1 failed)" in summary
+    assert ("Final training: train loss 0.51, eval loss 0.62 (best checkpoint, step 150 of 200), "
+            "validation CER 0.0310 (base 0.7000).") in summary
 
 
 def test_error_analysis_counts(project, stage_run):
