@@ -132,6 +132,7 @@ def test_folder_loads_and_has_what_servers_need(merged):
 def test_parity_catches_an_unmerged_vision_tower(merged, tiny_base_dir, adapter_dir, tiny_rows_file, tmp_path):
     """A folder whose vision weights were left as the base's (the known unsloth failure) fails parity."""
     import torch
+    from peft import PeftModel
     from safetensors.torch import load_file, save_file
     from transformers import AutoProcessor
 
@@ -149,8 +150,8 @@ def test_parity_catches_an_unmerged_vision_tower(merged, tiny_base_dir, adapter_
     processor = AutoProcessor.from_pretrained(str(adapter_dir))
     images = merge.parity_images(tiny_rows_file, 2, 0.1, 42)
     args = (processor, images, merge.P.load_params()["instruction"], 8)
-    peft_model, reference, _ = M.reference_runs(tiny_base_dir, adapter_dir, torch.bfloat16, *args)
-    del peft_model
+    reference = M.greedy_with_logits(
+        PeftModel.from_pretrained(M.load_base(tiny_base_dir, torch.bfloat16), str(adapter_dir)), *args)
     good = M.greedy_with_logits(M.load_base(out, torch.bfloat16), *args)
     bad = M.greedy_with_logits(M.load_base(broken, torch.bfloat16), *args)
     assert M.judge(reference, good, m["tolerance"])[0] is True
@@ -160,7 +161,8 @@ def test_parity_catches_an_unmerged_vision_tower(merged, tiny_base_dir, adapter_
 
 def test_failed_parity_fails_the_stage_and_writes_no_folder(tiny_base_dir, adapter_dir, tiny_rows_file, tmp_path):
     with pytest.raises(UserError, match="parity check failed"):
-        run_stage(tmp_path, tiny_base_dir, adapter_dir, tiny_rows_file, "--tolerance", "1e-9")
+        run_stage(tmp_path, tiny_base_dir, adapter_dir, tiny_rows_file, "--tolerance", "1e-9",
+                  "--samples", "1", "--max-new-tokens", "3")
     assert_nothing_written(tmp_path / "models" / "merged")
     assert json.loads((tmp_path / "metrics" / "merge.json").read_text())["passed"] is False
 
