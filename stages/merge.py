@@ -25,6 +25,7 @@ The folder loads with AutoModelForImageTextToText/AutoProcessor and `transformer
 """
 import argparse
 import random
+import resource
 import time
 from pathlib import Path
 
@@ -123,13 +124,14 @@ def main(argv=None):
             del peft_model
             M.free_memory()
         files = M.finish_folder(tmp, base_config, processor)
+        saved_dtype = M.check_saved_dtype(tmp, dtype_name)
         # 3. Parity: the folder as a server will load it, processor included.
         from transformers import AutoProcessor
 
         merged = M.load_base(tmp, torch_dtype)
         runs = M.greedy_with_logits(merged, AutoProcessor.from_pretrained(str(tmp)), images, instruction,
                                     args.max_new_tokens)
-        saved_dtype, architectures = str(merged.dtype).removeprefix("torch."), merged.config.architectures
+        architectures = merged.config.architectures
         del merged
         M.free_memory()
         passed, mismatches, gap = M.judge(reference, runs, tolerance)
@@ -137,7 +139,8 @@ def main(argv=None):
             "passed": passed, "backend": backend, "dtype": dtype_name, "saved_dtype": saved_dtype,
             "architectures": architectures, "samples": len(images), "max_new_tokens": args.max_new_tokens,
             "greedy_mismatches": mismatches, "max_relative_logit_gap": gap, "tolerance": tolerance,
-            **figures, "merged_size_bytes": size, "seconds": round(time.time() - start, 1), "files": files,
+            **figures, "merged_size_bytes": size, "seconds": round(time.time() - start, 1),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "files": files,
         }
         atomic_write_json(args.metrics, metrics)
         if not passed:

@@ -79,6 +79,7 @@ def merged(tiny_base_dir, adapter_dir, tiny_rows_file, tmp_path_factory):
 def test_parity_passes_and_is_sensitive(merged):
     _, m = merged
     assert m["passed"] is True and m["dtype"] == "bfloat16" and m["backend"] == "transformers"
+    assert m["saved_dtype"] == "BF16"  # the tiny base is stored in float32: merged into 16-bit anyway
     assert m["greedy_mismatches"] == 0 and m["samples"] == 2
     assert m["max_relative_logit_gap"] <= m["tolerance"] == M.TOLERANCE["bfloat16"]
     # The tolerance is far below what the adapter, or its vision part alone, changes:

@@ -261,6 +261,15 @@ def merge_with_unsloth(base_dir, adapter_dir, out_dir, torch_dtype, processor):
     free_memory()
 
 
+def check_saved_dtype(out_dir, dtype_name):
+    """Every saved tensor in the merge dtype: no 4-bit packed or float32 leftovers."""
+    want = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[dtype_name]
+    found = {d for p in Path(out_dir).glob("*.safetensors") for d, _ in safetensors_header(p).values()}
+    if found != {want}:
+        raise UserError(f"{out_dir}: the merged weights are {sorted(found)}, expected only {want}")
+    return want
+
+
 def finish_folder(out_dir, base_config, processor):
     """What servers need beside the weights, each a known failure of merged Gemma 3 folders:
     the base's `architectures`, a generation config stopping at <end_of_turn>, the processor
