@@ -4,7 +4,7 @@ As the DVC stage (`python -m stages.analyze`, defaults from params.yaml `analyze
 `search.study_name`) it writes:
   plots/analysis/search_*.png      optimization history, parameter importance, parallel
                                    coordinates, pruning curves (intermediate eval_loss per trial)
-  plots/analysis/search_history.csv  trial, state, value, best_value (a DVC plot)
+  plots/analysis/search_history.csv  trial, value, best_value of complete trials (a DVC plot)
   plots/analysis/errors_top_edits.png  the most frequent character errors of the fine-tuned model
                                    (CER histogram and CER by length: plots/score/, the score stage)
   plots/analysis/train_loss.png    train and eval loss from the train stage's dvclive files
@@ -19,10 +19,14 @@ As the DVC stage (`python -m stages.analyze`, defaults from params.yaml `analyze
 
 For any study (the original's analyze_hyperparam_results.py), only the search part:
   python -m stages.analyze --study-name S [--compare S2 S3] [--output-dir D] [--storage URL]
-The storage defaults to the pipeline's sqlite:///models/search/study.db (read from a copy,
-never modified); the output dir to reports/study-S/. `--compare` loads the named studies from
-the same storage and draws them on the history and importance figures with S. A study with too
-few complete trials for importance gets a figure that says so, and the command says so too.
+The storage is --storage, else $OCR_SEARCH_STORAGE (the search's PostgreSQL URL, password
+included, never on a command line), else the pipeline's sqlite:///models/search/study.db (read
+from a copy, never modified). The output dir defaults to studies/S/ (outside the stage's DVC
+outputs). `--compare` loads the named studies from the same storage and draws them with S on the
+history and importance figures; parallel coordinates and pruning curves are S's. A study with
+too few complete trials for importance (or parallel coordinates) gets a figure that says so, and
+the command prints a note. The DVC stage always reads models/search/study.db (the search stage
+copies a remote study there), so what it draws is what DVC tracked.
 """
 import argparse
 import csv
@@ -40,8 +44,10 @@ from .score import LENGTH_BUCKETS
 
 PLOT_DIR = "plots/analysis"
 REPORT_DIR = "reports"
+ADHOC_DIR = "studies"  # --study-name runs: not inside a DVC output, so they never dirty the pipeline
 SUMMARY = "metrics/summary.md"
 STORAGE = "sqlite:///models/search/study.db"
+STORAGE_ENV = "OCR_SEARCH_STORAGE"  # the search stage's variable (stages/lib/search_study.py)
 BEST_PARAMS = "models/search/best_params.json"
 SCORE = "metrics/score.json"
 TRAIN_METRICS = "metrics/train.json"
@@ -243,8 +249,8 @@ def parse_args(argv, params):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study-name", help="analyze only this study (the original's analyze_hyperparam_results)")
     parser.add_argument("--compare", nargs="+", default=[], metavar="STUDY", help="more studies on the same figures")
-    parser.add_argument("--storage", default=None, help=f"Optuna storage URL (default {STORAGE})")
-    parser.add_argument("--output-dir", default=None, help="where the study figures go (default reports/study-NAME)")
+    parser.add_argument("--storage", default=None, help=f"Optuna storage URL (default ${STORAGE_ENV}, else {STORAGE})")
+    parser.add_argument("--output-dir", default=None, help="where the study figures go (default studies/NAME)")
     parser.add_argument("--top-n", type=int, default=P.get(params, "analyze.top_n", int, minimum=1))
     parser.add_argument("--worst-n", type=int, default=P.get(params, "analyze.worst_n", int, minimum=1))
     parser.add_argument("--top-k-errors", type=int, default=P.get(params, "analyze.top_k_errors", int, minimum=1))
@@ -262,12 +268,13 @@ def parse_args(argv, params):
 def run_study_only(args):
     """The original's analyze_hyperparam_results: figures and top_trials.md for named studies.
     Built in a temp folder, then moved file by file into the output dir (other files there stay)."""
-    out_dir = Path(args.output_dir or f"{REPORT_DIR}/study-{args.study_name}")
+    out_dir = Path(args.output_dir or f"{ADHOC_DIR}/{args.study_name}")
     names = list(dict.fromkeys([args.study_name, *args.compare]))
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".analyze-"))
     try:
-        table, notes, _ = analyze_study(args.storage or STORAGE, names, tmp, args.top_n, tmp / "search.html")
+        storage = args.storage or os.environ.get(STORAGE_ENV, "").strip() or STORAGE
+        table, notes, _ = analyze_study(storage, names, tmp, args.top_n, tmp / "search.html")
         atomic_write_text(tmp / "top_trials.md", table)
         for path in sorted(tmp.iterdir()):
             os.replace(path, out_dir / path.name)

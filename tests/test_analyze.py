@@ -21,8 +21,11 @@ FIGURES = ["search_history.png", "search_importance.png", "search_parallel_coord
            "search_pruning_curves.png", "errors_top_edits.png", "train_loss.png"]
 
 
-def run_analyze(*args, cwd):
+def run_analyze(*args, cwd, storage_env=None):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    env.pop("OCR_SEARCH_STORAGE", None)
+    if storage_env:
+        env["OCR_SEARCH_STORAGE"] = storage_env
     return subprocess.run([sys.executable, "-m", "stages.analyze", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 
@@ -257,15 +260,37 @@ def test_study_only_compare_and_too_few_trials(project, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_study_only_reads_the_search_storage_variable(project, tmp_path):
+    """$OCR_SEARCH_STORAGE (the search's remote study) is the default storage of --study-name runs;
+    the default output folder is studies/NAME, outside the stage's outputs."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(project / "params.yaml", elsewhere / "params.yaml")
+    result = run_analyze("--study-name", "other", cwd=elsewhere,
+                         storage_env=f"sqlite:///{project}/models/search/study.db")
+    assert result.returncode == 0, result.stderr
+    assert "## Study `other`" in (elsewhere / "studies/other/top_trials.md").read_text()
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--study-name", "nope"], "study 'nope' not found in sqlite:///models/search/study.db (studies there: "),
     (["--study-name", "x", "--storage", "sqlite:///missing/study.db"], "missing/study.db: study database not found"),
     (["--compare", "other"], "--compare goes with --study-name"),
     (["--worst-n", "0"], "--worst-n must be at least 1"),
 ])
-def test_bad_arguments(project, args, message, tmp_path):
-    result = run_analyze(*args, cwd=project)
-    assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr
+def test_bad_arguments(project, args, message, monkeypatch):
+    from stages.analyze import main
+    from stages.lib.cli import UserError
+
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("OCR_SEARCH_STORAGE", raising=False)
+    with pytest.raises(UserError, match=message.replace(".", r"\.")):
+        main(args)
+
+
+def test_unknown_study_is_one_line_and_exit_2(project):
+    result = run_analyze("--study-name", "nope", cwd=project)
+    assert result.returncode == 2 and result.stderr.startswith("error: ")
+    assert "study 'nope' not found in sqlite:///models/search/study.db (studies there: " in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
