@@ -44,6 +44,7 @@ from .lib import params as P
 from .lib.cli import UserError, run_main
 from .lib.client import ChatClient, SampleError, load_previous, run_samples
 from .lib.io import atomic_write_json, read_split
+from .lib.prompt import user_turn
 from .lib.serving import Server, base_url, check_model_served, managed_server, served_models
 
 ENGINES = ("auto", "transformers", "vllm", "tesseract")
@@ -84,10 +85,14 @@ def parse_args(argv):
     parser.add_argument("--startup-timeout", type=float, default=get("startup_timeout", float, minimum=1))
     parser.add_argument("--instruction", default=P.get(params, "instruction", str))
     args = parser.parse_args(argv)
-    args.stop = get("stop", list)
-    args.retry_backoff = get("retry_backoff", float, minimum=0)
-    args.tesseract_lang = get("tesseract_lang", str)
-    args.tesseract_psm = get("tesseract_psm", int, minimum=0, maximum=13)
+    if args.engine == "tesseract":   # each engine reads only its own keys (dvc.yaml lists them)
+        args.tesseract_lang = get("tesseract_lang", str)
+        args.tesseract_psm = get("tesseract_psm", int, minimum=0, maximum=13)
+    else:
+        args.stop = get("stop", list)
+        if not all(isinstance(s, str) and s for s in args.stop):
+            raise UserError(f"params.yaml: 'evaluate.stop' must be a list of non-empty strings, got {args.stop!r}")
+        args.retry_backoff = get("retry_backoff", float, minimum=0)
     for name in ("workers", "save_interval"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -138,9 +143,12 @@ def folder_identity(path):
 
 
 def fingerprint(args, identity):
-    """What must match for an earlier output file to be resumed."""
-    blob = json.dumps({"identity": identity, "instruction": args.instruction, "max_tokens": args.max_tokens,
-                       "stop": args.sent_stop, "temperature": 0}, sort_keys=True, default=str)
+    """What must match for an earlier output file to be resumed: the model (or engine) and,
+    for a model, the prompt as built and the generation settings."""
+    settings = {} if args.engine == "tesseract" else {
+        "prompt": user_turn(args.instruction, image_url="<image>"), "max_tokens": args.max_tokens,
+        "stop": args.sent_stop, "temperature": 0}
+    blob = json.dumps({"identity": identity, **settings}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
@@ -209,8 +217,10 @@ def evaluate(args, samples, predict, identity, model_name, server_info, stopping
         print(f"evaluate: resuming: {len(previous)} finished samples kept from {args.output_file}", file=sys.stderr)
     header = {"model_name": model_name, "engine": server_info["engine"], "fingerprint": fp,
               "data_file": str(args.data_file), "server": server_info,
-              "generation": {"instruction": args.instruction, "temperature": 0, "max_tokens": args.max_tokens,
-                             "stop": args.sent_stop, "top_k": args.top_k}}
+              "top_k": args.top_k}
+    if args.engine != "tesseract":
+        header["generation"] = {"instruction": args.instruction, "temperature": 0, "max_tokens": args.max_tokens,
+                                "stop": args.sent_stop}
     records, summary = run_samples(samples, predict, workers=args.workers, output_path=args.output_file,
                                    header=header, save_interval=args.save_interval, previous=previous,
                                    desc=Path(args.output_file).stem, on_interrupt=stopping)

@@ -172,3 +172,23 @@ def test_top_k_and_model_folder(tmp_path, tiny_base_dir):
     (base / "source.json").write_text(json.dumps({"model_name": str(tiny_base_dir)}))
     assert Path(model_folder(base)) == Path(tiny_base_dir)   # evaluate_base serves what source.json names
     assert model_folder(tiny_base_dir) == Path(tiny_base_dir)
+
+
+def test_sigterm_saves_progress_and_exits(tiny_rows, tmp_path):
+    """dvc or CI stopping the stage: finished samples are kept, the exit code says terminated."""
+    rows = tiny_rows[:10]
+    data = write_rows(tmp_path / "rows.json", rows)
+    out = tmp_path / "out.json"
+    with Stub(answers_for(rows), delay_s=0.2) as stub:
+        proc = subprocess.Popen(evaluate_cmd("--vllm-url", stub.url, "--data-file", data, "--output-file", out,
+                                             "--workers", 1, "--save-interval", 100),
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while sum(stub.requests.values()) < 3:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 143
+    partial = json.loads(out.read_text(encoding="utf-8"))   # saved although save_interval was not reached
+    assert partial["status"] == "partial" and 2 <= len(partial["samples"]) < 10
+    assert [s["prediction"] for s in partial["samples"]] == [r["ocr_text"] for r in rows[:len(partial["samples"])]]

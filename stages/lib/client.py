@@ -21,35 +21,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import requests
 from tqdm import tqdm
 
+from . import metrics
 from .io import atomic_write_json
 from .prompt import chat_messages
-
-
-# TEMPORARY: stand-ins until stages/lib/metrics.py lands (same conventions as the original:
-# CER = edits / reference length, F1 = bag-of-characters F1, both-empty -> 0).
-class _Metrics:
-    @staticmethod
-    def cer(prediction, label):
-        from rapidfuzz.distance import Levenshtein
-        return Levenshtein.distance(prediction, label) / len(label) if label else float(bool(prediction))
-
-    @staticmethod
-    def f1(prediction, label):
-        from collections import Counter
-        common = sum((Counter(prediction) & Counter(label)).values())
-        if not common:
-            return 0.0
-        p, r = common / len(prediction), common / len(label)
-        return 2 * p * r / (p + r)
-
-    @staticmethod
-    def corpus_cer(predictions, labels):
-        from rapidfuzz.distance import Levenshtein
-        total = sum(len(l) for l in labels)
-        return sum(Levenshtein.distance(p, l) for p, l in zip(predictions, labels)) / total if total else None
-
-
-metrics = _Metrics
 
 
 class SampleError(Exception):
@@ -153,17 +127,23 @@ def sample_key(image_path, label):
     return f"{image_path}\x00{label}"
 
 
+SCORED_FIELDS = {"image_path", "label", "prediction", "cer_score", "f1_score", "error"}
+
+
 def score_record(sample, outcome):
-    """The per-sample record of the output file, with RAW (unnormalized) CER/F1."""
+    """The per-sample record of the output file, with RAW (unnormalized) CER/F1.
+
+    `outcome` is a fresh predict() result or a record reused from an earlier run: scores are
+    always recomputed, so a change in the metrics code reaches resumed samples too."""
     record = {"image_path": sample["image_path"], "label": sample["label"]}
     if "error" in outcome:
         record.update(prediction=None, cer_score=None, f1_score=None, error=outcome["error"],
                       attempts=outcome.get("attempts"))
         return record
     prediction = outcome["prediction"]
-    record.update(prediction=prediction, cer_score=metrics.cer(prediction, sample["label"]),
-                  f1_score=metrics.f1(prediction, sample["label"]))
-    record.update({k: v for k, v in outcome.items() if k != "prediction"})
+    record.update(prediction=prediction, cer_score=metrics.cer(sample["label"], prediction),
+                  f1_score=metrics.f1(sample["label"], prediction))
+    record.update({k: v for k, v in outcome.items() if k not in SCORED_FIELDS})
     return record
 
 
@@ -204,7 +184,7 @@ def summarize(records, wall_s, new_count, new_tokens):
     pairs = [(r["prediction"], r["label"]) for r in ok]
     latencies = [r["latency_s"] for r in ok if isinstance(r.get("latency_s"), (int, float))]
     return {
-        "overall_cer": metrics.corpus_cer([p for p, _ in pairs], [l for _, l in pairs]) if pairs else None,
+        "overall_cer": metrics.corpus_cer([l for _, l in pairs], [p for p, _ in pairs]) if pairs else None,
         "overall_f1": (sum(r["f1_score"] for r in ok) / len(ok)) if ok else None,
         "total_samples": len(records),
         "failed_count": len(records) - len(ok),
@@ -239,6 +219,7 @@ def run_samples(samples, predict, *, workers, output_path, header, save_interval
     order, summary). The caller writes the final document (it decides the final status)."""
     previous = previous or {}
     records = [previous.get(sample_key(s["image_path"], s["label"])) for s in samples]
+    records = [None if r is None else score_record(s, r) for s, r in zip(samples, records)]
     pending = [i for i, r in enumerate(records) if r is None]
     new_tokens = 0
     start = time.perf_counter()
