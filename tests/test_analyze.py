@@ -342,3 +342,18 @@ def test_dvc_stage_and_plots(project, tmp_path):
     assert sorted(Path(k).name for k in images) == sorted(FIGURES)
     assert data["loss"][0]["type"] == "vega" and data["search_history"][0]["type"] == "vega"
     assert {row["filename"] for row in data["loss"][0]["content"]["data"]["values"]} == {"train/loss.tsv", "eval/loss.tsv"}
+
+
+def test_study_without_parameters_says_so(tmp_path):
+    import optuna
+
+    from stages.lib import study as S
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(study_name="fixed")
+    study.optimize(lambda trial: 1.0, n_trials=3)
+    assert S.plot_importances([study], tmp_path / "i.png") == ["fixed: no searched parameters, so no importance"]
+    assert "need at least 2" in S.plot_parallel(study, tmp_path / "p.png")
+    table = S.top_trials_markdown(study, 2).splitlines()
+    rows = [line for line in table if line.startswith("|")]
+    assert len(rows) == 4 and len({line.count("|") for line in rows}) == 1  # header, rule, 2 trials, same width

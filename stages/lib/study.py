@@ -130,8 +130,9 @@ def top_trials_markdown(study, top_n):
     if not ranked:
         return "\n".join(lines + ["No complete trials yet.", ""])
     param_names = sorted({k for t in ranked for k in t.params})
-    lines.append("| rank | trial | " + objective_name(study) + " | " + " | ".join(param_names) + " | duration (s) |")
-    lines.append("|---" * (4 + len(param_names)) + "|")
+    header = ["rank", "trial", objective_name(study), *param_names, "duration (s)"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|---" * len(header) + "|")
     for rank, trial in enumerate(ranked, 1):
         cells = [str(rank), str(trial.number), f"{trial.value:.6g}"]
         cells += [format_value(trial.params.get(k, "")) for k in param_names]
@@ -198,9 +199,12 @@ def importances(study):
         return None, (f"{study.study_name}: {len(trials)} complete trial(s); parameter importance needs "
                       f"at least {MIN_TRIALS_FOR_IMPORTANCE}")
     try:
-        return optuna.importance.get_param_importances(study), None
+        result = optuna.importance.get_param_importances(study)
     except (ValueError, RuntimeError) as err:
         return None, f"{study.study_name}: parameter importance not available ({str(err).splitlines()[0]})"
+    if not result:
+        return None, f"{study.study_name}: no searched parameters, so no importance"
+    return result, None
 
 
 def plot_importances(studies, path):
@@ -237,8 +241,8 @@ def plot_parallel(study, path):
     from matplotlib.collections import LineCollection
     from optuna.visualization import matplotlib as om
 
-    trials = complete_trials(study)
-    if len(trials) < 2 or not any(t.params for t in trials):
+    trials = [t for t in complete_trials(study) if t.params]
+    if len(trials) < 2:
         return placeholder_figure(path, "Parallel coordinates",
                                   f"{study.study_name}: {len(trials)} complete trial(s) with parameters; "
                                   "parallel coordinates need at least 2")
