@@ -173,3 +173,13 @@ def test_cer_histogram_bins_exact_tenths():
     bins = dict(score.cer_histogram([0.0, 0.1, 0.3, 0.7, 0.99, 1.0, 2.5]))
     assert (bins["0.0-0.1"], bins["0.1-0.2"], bins["0.3-0.4"], bins["0.7-0.8"], bins["0.9-1.0"], bins["1.0+"]) == \
         (1, 1, 1, 1, 1, 2)
+
+
+def test_bench_runs_and_bare_loop_scores_the_same_pairs():
+    # `make bench` at a tiny size: the three ways run, and the bench's own check that the bare
+    # loop's corpus CER equals ours passes (it exits otherwise).
+    from bench.bench_score import run_bench
+
+    wall, cpu = run_bench(300, 1)
+    assert set(wall) == set(cpu) == {"ours", "original", "bare"}
+    assert all(t > 0 for t in wall.values())
