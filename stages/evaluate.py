@@ -93,6 +93,9 @@ def parse_args(argv):
         if not all(isinstance(s, str) and s for s in args.stop):
             raise UserError(f"params.yaml: 'evaluate.stop' must be a list of non-empty strings, got {args.stop!r}")
         args.retry_backoff = get("retry_backoff", float, minimum=0)
+        args.server_args = get("server_args", list)
+        if not all(isinstance(a, str) for a in args.server_args):
+            raise UserError(f"params.yaml: 'evaluate.server_args' must be a list of strings, got {args.server_args!r}")
     for name in ("workers", "save_interval"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -202,7 +205,7 @@ def model_server(args):
         return
     folder = model_folder(args.model_dir)
     print(f"evaluate: starting a {args.engine} server on {folder} ...", file=sys.stderr)
-    with managed_server(folder, args.engine, args.startup_timeout, args.model_name) as server:
+    with managed_server(folder, args.engine, args.startup_timeout, args.model_name, args.server_args) as server:
         print(f"evaluate: {server.engine} serve ready at {server.url} (pid {server.pid})", file=sys.stderr)
         yield server
 
@@ -264,7 +267,7 @@ def main(argv=None):
             identity = {"url": server.url, "model": server.model_name,
                         "served": [m.get("id") for m in server.models.get("data", []) if isinstance(m, dict)]}
         else:
-            identity = {"engine": server.engine, "folder": str(Path(args.model_dir)),
+            identity = {"engine": server.engine, "folder": str(Path(args.model_dir)), "server_args": args.server_args,
                         "files": folder_identity(model_folder(args.model_dir))}
         info = {"engine": server.engine, "url": server.url, "managed": server.engine != "external",
                 "models": server.models}

@@ -200,3 +200,17 @@ def test_real_transformers_serve(tiny_base_dir, tiny_rows, tmp_path):
     assert not alive(pid)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/health", timeout=2)
+
+
+def test_urls_engines_and_commands():
+    from stages.lib.serving import base_url, pick_engine, server_command
+
+    assert base_url("http://h:8000/v1/chat/completions") == "http://h:8000"   # the original's flag value
+    assert base_url("http://h:8000/v1/") == base_url("http://h:8000") == "http://h:8000"
+    with pytest.raises(UserError, match="not an http"):
+        base_url("h:8000")
+    assert pick_engine("transformers") == "transformers"
+    with pytest.raises(UserError, match="must be one of"):
+        pick_engine("tgi")
+    cmd = server_command("transformers", "models/merged", 1234, "models/merged", ["--dtype", "bfloat16"])
+    assert cmd[1:] == ["serve", "models/merged", "--host", "127.0.0.1", "--port", "1234", "--dtype", "bfloat16"]

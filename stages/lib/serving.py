@@ -75,18 +75,19 @@ def free_port():
         return s.getsockname()[1]
 
 
-def server_command(engine, model_dir, port, model_name):
-    """The command line that serves `model_dir` under `model_name` on 127.0.0.1:port."""
+def server_command(engine, model_dir, port, model_name, extra_args=()):
+    """The command line that serves `model_dir` under `model_name` on 127.0.0.1:port, plus the
+    user's extra arguments (e.g. vLLM's --max-model-len, transformers' --dtype)."""
     if engine == "vllm":
         exe = shutil.which("vllm")
         if exe is None:
             raise UserError("evaluate.engine is vllm but the `vllm` command is not on PATH (pip install vllm)")
         return [exe, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-                "--served-model-name", model_name]
+                "--served-model-name", model_name, *extra_args]
     exe = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
     if not Path(exe).exists():
         raise UserError("the `transformers` command is not installed (pip install 'transformers[serving]')")
-    return [exe, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
+    return [exe, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), *extra_args]
 
 
 def _die_with_parent():
@@ -184,7 +185,7 @@ def check_model_served(models, model_name, url):
 
 
 @contextmanager
-def managed_server(model_dir, engine="auto", startup_timeout=300, model_name=None):
+def managed_server(model_dir, engine="auto", startup_timeout=300, model_name=None, extra_args=()):
     """Serve `model_dir` locally for the duration of the block; yield a Server."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -197,7 +198,7 @@ def managed_server(model_dir, engine="auto", startup_timeout=300, model_name=Non
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
-    with run_server(server_command(engine, model_dir, port, name), url, startup_timeout, env) as (proc, log):
+    with run_server(server_command(engine, model_dir, port, name, extra_args), url, startup_timeout, env) as (proc, log):
         models = served_models(url)
         check_model_served(models, name, url)
         yield Server(url=url, model_name=name, engine=engine, models=models, pid=proc.pid, log_path=log)
