@@ -45,6 +45,7 @@ def make_study(storage, name, n_trials, fail=(3,), seed=0):
         lr = trial.suggest_float("learning_rate", 1e-3, 1e-2, log=True)
         r = trial.suggest_categorical("lora_r", [8, 16, 32])
         if trial.number in fail:
+            trial.set_user_attr("error", "RuntimeError: CUDA out of memory")  # as the search stage records it
             raise RuntimeError("CUDA out of memory")
         loss = 3.0 + seed
         for step in range(1, 7):
@@ -171,6 +172,7 @@ def test_top_trials_table_is_ranked(project, stage_run):
     assert "PRUNED" in states and "FAIL" in states  # the fixture really exercises both
     table = (project / "reports/top_trials.md").read_text()
     assert f"{states.count('PRUNED')} pruned, 1 failed" in table
+    assert "Failed trials: #3 RuntimeError: CUDA out of memory." in table
     rows = [line.split("|") for line in table.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
     assert int(rows[0][2]) == study.best_trial.number
     assert float(rows[0][3]) <= float(rows[1][3])

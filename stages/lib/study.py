@@ -126,6 +126,10 @@ def top_trials_markdown(study, top_n):
     lines = [f"## Study `{study.study_name}`", "",
              f"{total} trials ({count_text}); objective: {objective_name(study)} "
              f"({study.direction.name.lower()}).", ""]
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    if failed:
+        lines += ["Failed trials: " + "; ".join(f"#{t.number} {t.user_attrs.get('error', '(no error recorded)')}"
+                                                 for t in failed) + ".", ""]
     ranked = ranked_trials(study)[:top_n]
     if not ranked:
         return "\n".join(lines + ["No complete trials yet.", ""])
