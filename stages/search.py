@@ -58,17 +58,18 @@ INPUT = "data/input/ocr_non_test.json"
 
 def parse_args(argv, params):
     p = argparse.ArgumentParser(prog="python -m stages.search", description=__doc__.split("\n")[0])
-    p.add_argument("--study-name", default=P.get(params, "search.study_name", str))
+    p.add_argument("--study-name", default=P.get(params, "search.study_name", str), help="default: search.study_name")
     p.add_argument("--search-mode", choices=MODES, default=P.get(params, "search.mode", str, choices=MODES))
     p.add_argument("--n-trials", type=int, default=None, help="the study's total (with --worker: trials to run here)")
-    p.add_argument("--timeout", type=float, default=P.get(params, "search.timeout", float, minimum=1, allow_none=True))
+    p.add_argument("--timeout", type=float, default=P.get(params, "search.timeout", float, minimum=1, allow_none=True),
+                   help="seconds; no new trial starts after it (a running trial finishes)")
     p.add_argument("--resume", action="store_true", help="continue a study that already has trials")
     p.add_argument("--config", help="the original's JSON config: search_space + fixed training keys")
     p.add_argument("--storage", help=f"Optuna storage URL without password (prefer ${S.STORAGE_ENV})")
     p.add_argument("--model-name", help="base model folder (default: models/base)")
-    p.add_argument("--input-data", default=INPUT)
-    p.add_argument("--instruction")
-    p.add_argument("--base-output-dir", default=OUT_DIR)
+    p.add_argument("--input-data", default=INPUT, help="split rows to train/validate on (val_ratio)")
+    p.add_argument("--instruction", help="the OCR instruction (default: params.yaml instruction)")
+    p.add_argument("--base-output-dir", default=OUT_DIR, help="study.db, best_*.json, trials.csv and trials/")
     p.add_argument("--worker", action="store_true", help="join an existing study and run --n-trials trials")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
