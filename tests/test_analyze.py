@@ -355,6 +355,9 @@ def test_study_without_parameters_says_so(tmp_path):
     study = optuna.create_study(study_name="fixed")
     study.optimize(lambda trial: 1.0, n_trials=3)
     assert S.plot_importances([study], tmp_path / "i.png") == ["fixed: no searched parameters, so no importance"]
+    flat = optuna.create_study(study_name="flat")
+    flat.optimize(lambda trial: trial.suggest_float("x", 0, 1) * 0 + 1.0, n_trials=4)
+    assert "importances would all be equal" in S.importances(flat)[1]
     assert "need at least 2" in S.plot_parallel(study, tmp_path / "p.png")
     table = S.top_trials_markdown(study, 2).splitlines()
     rows = [line for line in table if line.startswith("|")]

@@ -203,11 +203,16 @@ def importances(study):
         return None, (f"{study.study_name}: {len(trials)} complete trial(s); parameter importance needs "
                       f"at least {MIN_TRIALS_FOR_IMPORTANCE}")
     try:
-        result = optuna.importance.get_param_importances(study)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            result = optuna.importance.get_param_importances(study)
     except (ValueError, RuntimeError) as err:
         return None, f"{study.study_name}: parameter importance not available ({str(err).splitlines()[0]})"
     if not result:
         return None, f"{study.study_name}: no searched parameters, so no importance"
+    if any("will be equal" in str(w.message) for w in caught):  # PED-ANOVA found no better region
+        return None, (f"{study.study_name}: {len(trials)} complete trials do not separate better from worse "
+                      "parameter values (optuna: importances would all be equal); run more trials")
     return result, None
 
 
@@ -229,7 +234,7 @@ def plot_importances(studies, path):
         ax.bar_label(bars, fmt="%.2f", padding=2, fontsize=8)
     ax.set_yticks(range(len(params)), params)
     ax.set_xlim(0, 1.12)
-    ax.set_xlabel(f"importance for {objective_name(studies[0])} (fANOVA, sums to 1)")
+    ax.set_xlabel(f"importance for {objective_name(studies[0])} (optuna's default PED-ANOVA, sums to 1)")
     title = "Parameter importance"
     if notes:
         title += f" ({len(notes)} study left out: too few trials)"
