@@ -188,12 +188,16 @@ def test_real_transformers_serve(tiny_base_dir, tiny_rows, tmp_path):
         client = client_for(server.url, model=server.model_name, stop=[], timeout=60, max_tokens=8)
         records, summary = run_samples(samples, client.predict, workers=2, output_path=tmp_path / "o.json",
                                        header={}, save_interval=2)
+        again, _ = run_samples(samples, client.predict, workers=1, output_path=tmp_path / "p.json",
+                               header={}, save_interval=2)
         wrong = client_for(server.url, model="gemma-12b", stop=[], timeout=60)
         with pytest.raises(SampleError, match="HTTP 400"):   # a wrong name is not retried
             wrong.predict(samples[0])
         pid, url = server.pid, server.url
     assert [r["image_path"] for r in records] == [s["image_path"] for s in samples]
     assert summary["failed_count"] == 0
+    # temperature 0: the same predictions whatever the number of workers
+    assert [r["prediction"] for r in again] == [r["prediction"] for r in records]
     for record in records:
         assert isinstance(record["prediction"], str) and record["cer_score"] is not None
         assert 1 <= record["completion_tokens"] <= 8 and record["latency_s"] > 0
