@@ -204,7 +204,7 @@ def model_server(args):
         yield Server(url=url, model_name=name, engine="external", models=models)
         return
     folder = model_folder(args.model_dir)
-    print(f"evaluate: starting a {args.engine} server on {folder} ...", file=sys.stderr)
+    print(f"evaluate: starting a model server on {folder} (engine {args.engine}) ...", file=sys.stderr)
     with managed_server(folder, args.engine, args.startup_timeout, args.model_name, args.server_args) as server:
         print(f"evaluate: {server.engine} serve ready at {server.url} (pid {server.pid})", file=sys.stderr)
         yield server

@@ -171,9 +171,12 @@ def served_models(url, timeout=10):
     try:
         response = requests.get(f"{url}/v1/models", timeout=timeout)
         response.raise_for_status()
-        return response.json()
+        models = response.json()
     except (requests.RequestException, ValueError) as err:
         raise UserError(f"{url}/v1/models: no usable answer ({type(err).__name__}: {str(err)[:200]})") from None
+    if not isinstance(models, dict) or not isinstance(models.get("data", []), list):
+        raise UserError(f"{url}/v1/models: expected an OpenAI model list, got {response.text[:200]!r}")
+    return models
 
 
 def check_model_served(models, model_name, url):
