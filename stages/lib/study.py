@@ -182,6 +182,15 @@ def plot_history(studies, path):
         return placeholder_figure(path, "Optimization history", "No complete trials yet.")
     target = objective_name(studies[0])
     ax = om.plot_optimization_history(studies if len(studies) > 1 else studies[0], target_name=target)
+    if len(studies) > 1:  # optuna colours a study's best-value line unlike its points: match them
+        colors = {c.get_label().rsplit(" of ", 1)[-1]: c.get_facecolor()[0] for c in ax.collections
+                  if " of " in str(c.get_label()) and len(c.get_facecolor())}
+        for line in ax.lines:
+            study_name = str(line.get_label()).rsplit(" of ", 1)[-1]
+            if study_name in colors:
+                line.set_color(colors[study_name])
+                line.set_alpha(0.9)
+        ax.legend(bbox_to_anchor=(1.05, 1.0), loc="upper left")
     names = ", ".join(s.study_name for s in studies)
     ax.set_title(f"Optimization history: {names}")
     from matplotlib.ticker import MaxNLocator
@@ -235,9 +244,10 @@ def plot_importances(studies, path):
     ax.set_yticks(range(len(params)), params)
     ax.set_xlim(0, 1.12)
     ax.set_xlabel(f"importance for {objective_name(studies[0])} (optuna's default PED-ANOVA, sums to 1)")
-    title = "Parameter importance"
-    if notes:
-        title += f" ({len(notes)} study left out: too few trials)"
+    title = f"Parameter importance: {', '.join(name for name, _ in usable)}"
+    left_out = [name for name, imp, _ in results if imp is None]
+    if left_out:
+        title += f" (left out, see the notes: {', '.join(left_out)})"
     ax.set_title(title)
     if len(studies) > 1:
         ax.legend(loc="lower right")
