@@ -17,7 +17,8 @@ MODEL = "stub-model"
 
 
 class Stub:
-    def __init__(self, answers, faults=None, delay_s=0.0, slow_s=2.0, healthy=True, model=MODEL):
+    def __init__(self, answers, faults=None, delay_s=0.0, slow_s=2.0, healthy=True, model=MODEL, port=0,
+                 log_path=None):
         self.answers = dict(answers)          # data URL -> text to answer
         self.faults = {k: list(v) for k, v in (faults or {}).items()}   # text -> faults per attempt
         self.delay_s = delay_s
@@ -27,7 +28,8 @@ class Stub:
         self.requests = Counter()             # text -> number of chat requests seen
         self.payloads = []
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.log_path = log_path              # a JSON line per chat request (for a stub in another process)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -78,6 +80,9 @@ class Stub:
                     attempt = stub.requests[text]
                     stub.requests[text] += 1
                     stub.payloads.append(payload)
+                    if stub.log_path:
+                        with open(stub.log_path, "a", encoding="utf-8") as log:
+                            log.write(json.dumps({k: v for k, v in payload.items() if k != "messages"}) + "\n")
                     plan = stub.faults.get(text, [])
                     fault = plan[attempt] if attempt < len(plan) else "ok"
                 if stub.delay_s:
@@ -112,3 +117,16 @@ def answers_for(rows):
 
     return {image_data_url(r["image_path"]): r["ocr_text"] for r in rows}
 
+
+def fake_vllm_main(argv):
+    """`vllm serve DIR --host H --port P --served-model-name N ...` played by the stub (no GPU here):
+    answers from the JSON file $FAKE_VLLM_ANSWERS, requests logged to $FAKE_VLLM_LOG."""
+    import os
+
+    port = int(argv[argv.index("--port") + 1])
+    name = argv[argv.index("--served-model-name") + 1]
+    with open(os.environ["FAKE_VLLM_ANSWERS"], encoding="utf-8") as f:
+        answers = json.load(f)
+    with Stub(answers, model=name, port=port, log_path=os.environ["FAKE_VLLM_LOG"]):
+        while True:
+            time.sleep(3600)

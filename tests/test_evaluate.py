@@ -192,3 +192,36 @@ def test_sigterm_saves_progress_and_exits(tiny_rows, tmp_path):
     partial = json.loads(out.read_text(encoding="utf-8"))   # saved although save_interval was not reached
     assert partial["status"] == "partial" and 2 <= len(partial["samples"]) < 10
     assert [s["prediction"] for s in partial["samples"]] == [r["ocr_text"] for r in rows[:len(partial["samples"])]]
+
+
+def test_vllm_engine_command_and_stop_strings(tiny_rows, tmp_path):
+    """The vLLM branch with a stand-in `vllm` on PATH (vLLM needs a GPU): the stage starts
+    `vllm serve DIR --served-model-name DIR`, sends the stop strings, and stops it afterwards."""
+    rows = tiny_rows[:3]
+    data = write_rows(tmp_path / "rows.json", rows)
+    model = tmp_path / "merged"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(answers_for(rows), ensure_ascii=False), encoding="utf-8")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "vllm"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                    "from openai_stub import fake_vllm_main\nfake_vllm_main(sys.argv)\n")
+    fake.chmod(0o755)
+    log = tmp_path / "requests.jsonl"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_VLLM_ANSWERS=str(answers),
+               FAKE_VLLM_LOG=str(log))
+    out = tmp_path / "out.json"
+    done = subprocess.run(evaluate_cmd("--engine", "vllm", "--model-dir", model, "--data-file", data,
+                                       "--output-file", out, "--workers", 2),
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    assert doc["engine"] == "vllm" and doc["model_name"] == str(model)
+    assert [s["prediction"] for s in doc["samples"]] == [r["ocr_text"] for r in rows]
+    sent = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(sent) == 3 and all(p["stop"] == ["<end_of_turn>"] and p["model"] == str(model) for p in sent)
+    assert all(p["temperature"] == 0 and p["max_tokens"] == doc["generation"]["max_tokens"] for p in sent)
+    assert processes_mentioning(str(model)) == []
