@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from openai_stub import MODEL, Stub, answers_for
 from stages.evaluate import model_folder, top_k_arg
 
