@@ -158,6 +158,9 @@ def plot_loss_curves(train_tsv, eval_tsv, path, best_step=None):
         ax.text(0.5, 0.5, f"no dvclive train/eval loss.tsv under {TRAIN_PLOTS}/", ha="center", va="center", transform=ax.transAxes)
     else:
         ax.legend()
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title("Final training: loss")
