@@ -1,0 +1,107 @@
+"""base: the model that training starts from -> models/base/ (+ metrics/base.json).
+
+model_name "tiny" (the default, no hub needed): build a small Gemma 3 from params `base`
+(stages/lib/tinymodel.py; its character tokenizer covers synthetic.charset() plus every
+character of the non-test split) and pre-train it fully on `base.pretrain_lines` separate
+synthetic lines in the sans fonts of `base.fonts`. The dataset is serif: fine-tuning then
+adapts the base to a new domain, as with a real pretrained checkpoint.
+Pre-training text: synthetic.random_line (receipt-like lines, other random draws than the
+dataset's). Measured (1,000 steps, 2 busy cores): CER 0.018 on held-out sans lines, 0.24 on the
+serif dataset: the domain shift that fine-tuning removes. Random-character lines
+(synthetic.scrambled_line, half the mix) learned slower: CER 0.32 sans / 0.55 serif.
+
+model_name = a local checkpoint folder (e.g. a downloaded gemma-3-4b-it): checked to be a
+model folder and recorded in models/base/source.json; nothing is built or downloaded.
+"""
+import argparse
+import random
+
+from .lib import params as P
+from .lib.cli import UserError, run_main
+from .lib.io import atomic_dir, atomic_write_json, read_split
+from .lib.modeling import SOURCE_FILE, char_error_rate, check_model_dir, load_model, load_processor, read_images
+
+OUT_DIR = "models/base"
+METRICS = "metrics/base.json"
+NON_TEST = "data/input/ocr_non_test.json"
+
+
+def read_params(params):
+    cfg = {"model_name": P.get(params, "model_name", str), "instruction": P.get(params, "instruction", str)}
+    if cfg["model_name"] != "tiny":
+        return cfg
+    for key in ("seed", "image_size", "text_hidden_size", "text_layers", "vision_hidden_size", "vision_layers",
+                "pretrain_lines", "pretrain_steps", "pretrain_batch_size"):
+        cfg[key] = P.get(params, f"base.{key}", int, minimum=0 if key in ("seed", "pretrain_steps") else 1)
+    cfg["pretrain_learning_rate"] = P.get(params, "base.pretrain_learning_rate", float, minimum=0.0)
+    cfg["fonts"] = P.get(params, "base.fonts", list)
+    cfg["font_sizes"] = P.get(params, "base.font_sizes", list)
+    if cfg["image_size"] % 128:
+        raise UserError(f"params.yaml: 'base.image_size' must be a multiple of 128 (4x4 cells of 32 px), got {cfg['image_size']}")
+    if cfg["text_hidden_size"] % 32 or cfg["vision_hidden_size"] % 32:
+        raise UserError("params.yaml: 'base.text_hidden_size' and 'base.vision_hidden_size' must be multiples of 32")
+    if cfg["pretrain_batch_size"] > cfg["pretrain_lines"]:
+        raise UserError("params.yaml: 'base.pretrain_batch_size' is larger than 'base.pretrain_lines'")
+    if not cfg["fonts"] or not cfg["font_sizes"] or not all(isinstance(s, int) and s > 0 for s in cfg["font_sizes"]):
+        raise UserError("params.yaml: 'base.fonts' and 'base.font_sizes' must be non-empty lists (sizes: positive ints)")
+    return cfg
+
+
+def render_pretraining_lines(cfg):
+    """(image, text) pairs in the base fonts, one character per cell."""
+    from tqdm import tqdm
+
+    from .lib.synthetic import load_font, random_line, render_line
+
+    for font in cfg["fonts"]:
+        load_font(font, cfg["font_sizes"][0])  # a missing font fails here, in one line
+    rng = random.Random(f"base-{cfg['seed']}")
+    samples = []
+    for _ in tqdm(range(cfg["pretrain_lines"]), desc="rendering pre-training lines", unit="line"):
+        text = random_line(rng)
+        image = render_line(text, rng.choice(cfg["fonts"]), rng.choice(cfg["font_sizes"]), cfg["image_size"], rng)
+        samples.append((image, text))
+    return samples
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--non-test", default=NON_TEST, help="split file whose characters join the tokenizer")
+    parser.add_argument("--output", default=OUT_DIR)
+    parser.add_argument("--metrics", default=METRICS)
+    args = parser.parse_args(argv)
+    cfg = read_params(P.load_params())
+
+    if cfg["model_name"] != "tiny":
+        path = check_model_dir(cfg["model_name"])
+        with atomic_dir(args.output) as tmp:
+            atomic_write_json(tmp / SOURCE_FILE, {"model_name": str(path.resolve())})
+        atomic_write_json(args.metrics, {"model_name": str(path.resolve()), "built": False})
+        print(f"base: using {path}")
+        return
+
+    from .lib.synthetic import charset
+    from .lib.tinymodel import build_tiny_model, pretrain
+
+    rows = read_split(args.non_test)
+    alphabet = sorted(set(charset()) | {ch for row in rows for ch in row["ocr_text"]})
+    samples = render_pretraining_lines(cfg)
+    held_out, samples = samples[:100], samples[100:]
+    sizes = {k: cfg[k] for k in ("seed", "image_size", "text_hidden_size", "text_layers",
+                                 "vision_hidden_size", "vision_layers")}
+    with atomic_dir(args.output) as tmp:
+        build_tiny_model(tmp, alphabet, **sizes)
+        stats = pretrain(tmp, samples, cfg["instruction"], steps=cfg["pretrain_steps"],
+                         learning_rate=cfg["pretrain_learning_rate"], batch_size=cfg["pretrain_batch_size"],
+                         seed=cfg["seed"])
+        model, processor = load_model(tmp), load_processor(tmp)
+        predictions = read_images(model, processor, [image for image, _ in held_out], cfg["instruction"])
+        stats["pretrain_held_out_cer"] = char_error_rate(predictions, [text for _, text in held_out])
+    stats.update(vocab_size=len(processor.tokenizer), parameters=sum(p.numel() for p in model.parameters()))
+    atomic_write_json(args.metrics, stats)
+    print(f"base: tiny Gemma 3 ({stats['parameters']:,} parameters) pre-trained {cfg['pretrain_steps']} steps "
+          f"in {stats['pretrain_runtime_s']} s; CER on 100 held-out sans lines {stats['pretrain_held_out_cer']:.4f}")
+
+
+if __name__ == "__main__":
+    run_main(main)
