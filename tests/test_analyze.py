@@ -22,7 +22,8 @@ FIGURES = ["search_history.png", "search_importance.png", "search_parallel_coord
 
 
 def run_analyze(*args, cwd, storage_env=None):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("OCR_SEARCH_STORAGE", None)
     if storage_env:
         env["OCR_SEARCH_STORAGE"] = storage_env
@@ -362,3 +363,12 @@ def test_study_without_parameters_says_so(tmp_path):
     table = S.top_trials_markdown(study, 2).splitlines()
     rows = [line for line in table if line.startswith("|")]
     assert len(rows) == 4 and len({line.count("|") for line in rows}) == 1  # header, rule, 2 trials, same width
+
+
+def test_interactive_html_where_plotly_is_installed(project, tmp_path):
+    """plotly is optional (not a requirement): where it is installed, one self-contained HTML."""
+    pytest.importorskip("plotly")
+    result = run_analyze("--study-name", "ocr-lora", "--output-dir", str(tmp_path / "h"), cwd=project)
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "h/search.html").read_text(encoding="utf-8")
+    assert text.count('class="plotly-graph-div"') == 4 and '<script src="http' not in text
