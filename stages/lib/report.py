@@ -14,12 +14,7 @@ from pathlib import Path
 from rapidfuzz.distance import Levenshtein
 
 from .cli import UserError
-
-
-def _normalize(text):
-    from .metrics import normalize
-
-    return normalize(text)
+from .metrics import normalize
 
 
 def check_result(result, path):
@@ -46,7 +41,7 @@ def scored_samples(result):
         if sample.get("error"):
             failed.append({"index": i, "image_path": sample.get("image_path", ""), "error": str(sample["error"])})
             continue
-        ref, pred = _normalize(sample["label"]), _normalize(sample["prediction"])
+        ref, pred = normalize(sample["label"]), normalize(sample["prediction"])
         scored.append({"index": i, "image_path": sample.get("image_path", ""), "label": sample["label"],
                        "prediction": sample["prediction"], "ref": ref, "pred": pred,
                        "distance": Levenshtein.distance(ref, pred), "cer": float(sample["cer_score"]),
