@@ -27,6 +27,12 @@ history and importance figures; parallel coordinates and pruning curves are S's.
 too few complete trials for importance (or parallel coordinates) gets a figure that says so, and
 the command prints a note. The DVC stage always reads models/search/study.db (the search stage
 copies a remote study there), so what it draws is what DVC tracked.
+--top-n, --worst-n and --top-k-errors override params.yaml's analyze.top_n/worst_n/top_k_errors.
+
+`dvc plots show` (or `dvc plots diff HEAD~1`) draws the top-level `plots:` of dvc.yaml: train and
+eval loss (vega, from plots/train/), the search history (plots/analysis/search_history.csv), the
+score stage's CER histogram and CER by length, and every PNG above. The vega charts load vega
+from a CDN; offline, open the PNGs (or dvc_plots/index.html, whose images still show).
 """
 import argparse
 import csv
