@@ -19,7 +19,7 @@ from .lib import params as P
 from .lib.cli import UserError, run_main
 from .lib.io import atomic_write_json, read_json, read_split
 from .lib.modeling import resolve_base_dir
-from .lib.training import TRAINING_KEYS, run_training, split_train_val, training_config
+from .lib.training import TRAINING_KEYS, choose_backend, run_training, split_train_val, training_config
 
 NON_TEST = "data/input/ocr_non_test.json"
 BEST_PARAMS = "models/search/best_params.json"
@@ -66,10 +66,11 @@ def main(argv=None):
     searched = searched_values(params, args.best_params)
     overrides = dict(searched, **({"report_to": args.report_to} if args.report_to else {}))
     config = training_config(params, overrides)
+    backend = choose_backend(config)  # refuses unsloth without CUDA, 4-bit on the CPU
     base_dir = resolve_base_dir(args.base_dir)
     train_rows, val_rows = split_train_val(read_split(args.non_test), config["val_ratio"], config["seed"])
     print(f"train: {len(train_rows)} training / {len(val_rows)} validation rows; base {base_dir}; "
-          f"searched values: {searched or 'none'}")
+          f"backend {backend}; searched values: {searched or 'none'}")
 
     metrics = run_training(config, base_dir, train_rows, val_rows, args.output, live_dir=args.live_dir,
                            resume=args.resume, checkpoint_dir=args.checkpoints)

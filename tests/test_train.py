@@ -177,3 +177,14 @@ def test_base_points_at_a_real_checkpoint_folder(tmp_path, tiny_base_dir):
 def test_train_stage_refuses_bad_params_before_loading_anything(tmp_path):
     rc, err = run_stage(tmp_path, "train", lora_r=0)
     assert rc == 2 and err == "error: params.yaml: 'lora_r' must be >= 1, got 0"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only refusals")
+def test_cpu_refuses_what_it_cannot_run():
+    from stages.lib.training import choose_backend
+
+    assert choose_backend(small_config(backend="auto")) == "transformers"
+    with pytest.raises(UserError, match="'backend' unsloth needs a CUDA GPU"):
+        choose_backend(small_config(backend="unsloth"))
+    with pytest.raises(UserError, match="'load_in_4bit' needs a CUDA GPU"):
+        choose_backend(small_config(load_in_4bit=True))
