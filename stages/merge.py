@@ -105,7 +105,7 @@ def main(argv=None):
     tolerance = args.tolerance or M.TOLERANCE[dtype_name]
     size = M.merged_size_bytes(base_dir, torch_dtype.itemsize)
     M.check_free_space(args.out, size, args.keep_free_gb)
-    backend = choose_backend({"backend": backend})
+    backend = choose_backend({"backend": backend, "load_in_4bit": False})  # the base always loads in 16-bit here
     images = parity_images(args.rows, args.samples, val_ratio, seed)
     processor = load_processor(args.adapter, base_dir)
 
