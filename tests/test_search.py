@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +44,24 @@ def test_space_types_and_grid_rule():
     assert grid["weight_decay"] == [0.0, 0.05]                         # explicit values win
     assert SP.grid_size(specs, 3) == 3 * 3 * 3 * 3 * 3 * 2
     assert all(SP.contains(specs[name], v) for name, values in grid.items() for v in values)
+
+
+def test_samplers_follow_the_space():
+    """grid visits every grid point once then stops; random/TPE stay inside the space."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    specs = SP.parse_space({"learning_rate": {"type": "loguniform", "low": 1.0e-4, "high": 1.0e-2},
+                            "lora_r": {"type": "categorical", "choices": [8, 16]}})
+    study = optuna.create_study(sampler=SP.make_sampler("grid", specs, seed=0, grid_points=3))
+    study.optimize(lambda t: sum(v for v in SP.suggest(t, specs).values()), n_trials=20)
+    seen = sorted((t.params["learning_rate"], t.params["lora_r"]) for t in study.trials)
+    assert seen == sorted((lr, r) for lr in (1.0e-4, 1.0e-3, 1.0e-2) for r in (8, 16))   # 6 points, then stop
+    for mode in ("random", "bayesian"):
+        study = optuna.create_study(sampler=SP.make_sampler(mode, specs, seed=0))
+        study.optimize(lambda t: SP.suggest(t, specs)["learning_rate"], n_trials=12)
+        assert all(SP.contains(specs[k], v) for t in study.trials for k, v in t.params.items())
+        assert len({t.params["learning_rate"] for t in study.trials}) == 12
 
 
 @pytest.mark.parametrize("space, message", [

@@ -12,7 +12,6 @@ import gc
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
