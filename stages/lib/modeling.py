@@ -59,6 +59,8 @@ def load_model(path, *, load_in_4bit=False, dtype=None):
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
     kwargs = {"dtype": dtype or torch.float32}
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": 0}
     if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)

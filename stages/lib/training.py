@@ -212,7 +212,8 @@ def load_for_training(config, base_dir, backend):
         return model, processor
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    model = load_model(base_dir, load_in_4bit=config["load_in_4bit"])
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    model = load_model(base_dir, load_in_4bit=config["load_in_4bit"], dtype=torch.bfloat16 if bf16 else None)
     if config["load_in_4bit"]:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=torch.cuda.is_available())
     lora = LoraConfig(r=config["lora_r"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
@@ -226,7 +227,7 @@ def sft_config(config, checkpoint_dir, backend):
     from trl import SFTConfig
 
     cuda = torch.cuda.is_available()
-    bf16 = (cuda and torch.cuda.is_bf16_supported()) or config["load_in_4bit"]  # 4-bit on CPU: bf16 autocast
+    bf16 = cuda and torch.cuda.is_bf16_supported()  # Gemma 3 trains in bf16 (fp16 gives NaN)
     report_to = [t.strip() for t in config["report_to"].split(",") if t.strip() and t.strip() != "none"]
     extra = {}
     if backend == "unsloth":  # what UnslothVisionDataCollator wants
@@ -311,11 +312,11 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
 
             FastVisionModel.for_inference(model)
         refs = [r["ocr_text"] for r in val_rows]
-        # bf16 training (GPU, or 4-bit on the CPU) leaves bf16 trainable weights: generate under autocast too
-        amp = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bool(trainer.args.bf16))
-        with amp:
+        def amp():  # bf16 training can leave bf16 trainable weights: generate under autocast too
+            return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bool(trainer.args.bf16))
+        with amp():
             metrics["val_cer"] = char_error_rate(read_images(model, processor, images, config["instruction"]), refs)
-        with amp, model.disable_adapter():
+        with amp(), model.disable_adapter():
             metrics["val_cer_base"] = char_error_rate(read_images(model, processor, images, config["instruction"]), refs)
     with atomic_dir(output_dir) as tmp:
         model.save_pretrained(tmp)
