@@ -110,6 +110,7 @@ def main(argv=None):
     processor = load_processor(args.adapter, base_dir)
 
     start = time.time()
+    M.return_freed_memory()
     with atomic_dir(args.out) as tmp:
         # 1. Reference: base + adapter, unmerged, in the merge dtype.
         peft_model, reference, figures = M.reference_runs(
