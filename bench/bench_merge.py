@@ -111,8 +111,8 @@ def main(argv=None):
         ratio = increment / model_mb
         print(f"bench_merge: model {model_mb:.0f} MiB bf16; peak RSS {run['peak_mb']:.0f} MiB, after imports "
               f"{run['baseline_mb']:.0f} MiB; increment {increment:.0f} MiB = {ratio:.2f} x model "
-              f"(target <= 1.5: {'met' if ratio <= 1.5 else 'MISSED'}); whole process {run['peak_mb'] / model_mb:.2f} x; "
-              f"stage {run['seconds']:.0f} s")
+              f"(target <= 1.5: {'met' if ratio <= 1.5 else 'MISSED'}); "
+              f"whole process {run['peak_mb'] / model_mb:.2f} x; stage {run['seconds']:.0f} s")
         print(f"bench_merge: parity {'passed' if m['passed'] else 'FAILED'}: greedy mismatches {m['greedy_mismatches']}"
               f"/{m['samples']}, logit gap {m['max_relative_logit_gap']:.3g} (tolerance {m['tolerance']:g}), "
               f"adapter effect {m['adapter_effect']:.3g}, vision LoRA effect {m['vision_lora_effect']:.3g}")

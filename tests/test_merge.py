@@ -215,4 +215,5 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "stages.merge", "--base", str(tmp_path / "empty"),
                            "--out", str(tmp_path / "merged")], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and not (tmp_path / "merged").exists()
-    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'empty'}: no base model (run `dvc repro base` first)"]
+    expected = f"error: {tmp_path / 'empty'}: no base model (run `dvc repro base` first)"
+    assert proc.stderr.strip().splitlines() == [expected]

@@ -5,9 +5,10 @@ Memory: the peft path holds one 16-bit copy of the model. The base is memory-map
 safetensors; merge_and_unload() adds B @ A into each weight in place (the mapped pages become
 private ones: no second copy), and the merged folder is reloaded for the parity check only
 after the first copy is freed. Measured by bench/bench_merge.py on a 555 MiB bf16 Gemma 3:
-peak 1.39x the model above the ~0.4 GB the imports take, ~1.26x with return_freed_memory()
-(the rest: the adapter in float32, the largest layer's delta, activations). A float32 base (the tiny one) is converted on load, which
-briefly holds the float32 pages too: real checkpoints ship in bf16.
+peak 1.26x the model above the ~0.4 GB the imports take (1.39x without return_freed_memory();
+the rest is the adapter in float32, the largest layer's delta, activations). A float32 base
+(the tiny one) is converted on load, briefly holding the float32 pages too: real checkpoints
+ship in bf16.
 """
 import gc
 import json
@@ -185,7 +186,8 @@ def max_relative_gap(reference, other):
     """max |other - reference| / max |reference| over the steps both runs share (equal prefixes)."""
     gap = scale = 0.0
     for (ref_tokens, ref_logits), (tokens, logits) in zip(reference, other):
-        same = next((i for i, (a, b) in enumerate(zip(ref_tokens, tokens)) if a != b), min(len(ref_tokens), len(tokens)))
+        same = next((i for i, (a, b) in enumerate(zip(ref_tokens, tokens)) if a != b),
+                    min(len(ref_tokens), len(tokens)))
         steps = min(same + 1, len(ref_logits), len(logits))  # up to and including the first divergence
         gap = max(gap, (ref_logits[:steps] - logits[:steps]).abs().max().item())
         scale = max(scale, ref_logits.abs().max().item())
