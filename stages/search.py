@@ -20,8 +20,11 @@ eval_loss of the trial (or `val_cer`: greedy CER of its best adapter on the vali
 `search.n_trials` is the study's TOTAL: re-running with a higher number continues the same study
 (trial numbers go on); `n_trials: 0` skips the search (best_params.json says "skipped": true and
 train uses params.yaml alone). The train stage takes the best value of every key the search space
-covers and params.yaml for the rest. To start afresh, change `search.study_name` or delete
-models/search/study.db. Space syntax, grid rule and the original JSON config: stages/lib/search_space.py.
+covers and params.yaml for the rest. Without --resume a study that already has trials is refused.
+The study outlives code and param changes (DVC re-runs the stage, which then only re-writes the
+outputs): to start afresh, change `search.study_name` or delete models/search/study.db. Trials
+queued with optuna's `study.enqueue_trial(...)` run first. `search.timeout`: no new trial starts
+after it. Space syntax, grid rule, the original JSON config: stages/lib/search_space.py.
 
 Usage (the original's flags work; defaults come from params.yaml):
     dvc repro search                                    # = python -m stages.search --resume
@@ -34,9 +37,11 @@ each through CUDA_VISIBLE_DEVICES when GPUs exist). Across machines, put the stu
     dvc repro search          # the coordinator: creates the study, runs its trials, writes outputs
 and on any other host with a clone, the data and models/base in place, one command joins:
     OCR_SEARCH_STORAGE='postgresql+psycopg2://user:pass@dbhost:5432/optuna' python -m stages.search --worker --study-name ocr-lora --n-trials 5
-A worker runs its trials with the settings stored in the study by the coordinator and keeps its
-trial folders under its own --base-output-dir. With external storage the coordinator also copies
-the study into models/search/study.db at the end.
+A worker runs --n-trials trials with the settings the coordinator stored in the study (space,
+mode, pruner, objective, fixed training config; only --model-name, --input-data and
+--base-output-dir are its own) and keeps its trial folders under its own --base-output-dir. With
+external storage the coordinator copies the study into models/search/study.db at the end; trials
+still running elsewhere show up in the outputs at the coordinator's next run.
 """
 import argparse
 import os
