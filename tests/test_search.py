@@ -286,10 +286,11 @@ def postgres_url():
 
 def test_postgres_coordinator_and_a_joining_worker(project, postgres_url, tmp_path, monkeypatch, capsys):
     """The coordinator creates the study in PostgreSQL, then runs trials while a second process joins
-    with the documented command (as from another host: its own output folder): every trial once."""
+    with the documented command (as from another host: its own output folder): every trial once.
+    The objective here is the validation CER."""
     import optuna
 
-    args = project(search={"n_trials": 0, "pruner": {"type": "none", "n_startup_trials": 5, "n_warmup_steps": 0,
+    args = project(search={"n_trials": 0, "objective": "val_cer", "pruner": {"type": "none", "n_startup_trials": 5, "n_warmup_steps": 0,
                                                       "interval_steps": 1},
                            "space": {"learning_rate": {"type": "loguniform", "low": 1.0e-3, "high": 1.0e-2}},
                            "trial_overrides": {"num_train_epochs": 1}})
@@ -303,7 +304,7 @@ def test_postgres_coordinator_and_a_joining_worker(project, postgres_url, tmp_pa
                                "--n-trials", "1", "--base-output-dir", str(tmp_path / "host2"), *args],
                               env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
     try:
-        project(search={"n_trials": 1, "pruner": {"type": "none", "n_startup_trials": 5, "n_warmup_steps": 0,
+        project(search={"n_trials": 1, "objective": "val_cer", "pruner": {"type": "none", "n_startup_trials": 5, "n_warmup_steps": 0,
                                                    "interval_steps": 1},
                         "space": {"learning_rate": {"type": "loguniform", "low": 1.0e-3, "high": 1.0e-2}},
                         "trial_overrides": {"num_train_epochs": 1}})
@@ -320,13 +321,14 @@ def test_postgres_coordinator_and_a_joining_worker(project, postgres_url, tmp_pa
     assert len(theirs) == 1 and ":" in trials[theirs[0]].user_attrs["worker"]    # host:pid of the joiner
     assert len(mine) >= 1 and sorted(mine + theirs) == list(range(len(trials)))
     assert all(t.state.name == "COMPLETE" for t in trials)
+    assert all(t.value == t.user_attrs["val_cer"] and t.value >= 0 for t in trials)   # objective: validation CER
     here = {int(p.parent.name.split("_")[1]) for p in Path("models/search/trials").glob("trial_*/result.json")}
     there = {int(p.parent.name.split("_")[1]) for p in (tmp_path / "host2" / "trials").glob("trial_*/result.json")}
     assert here == set(mine) and there == set(theirs)
     # The coordinator's outputs: a local SQLite copy of the study, and no password anywhere.
     assert {t.number for t in load_study().trials} >= set(mine)
     best = json.loads(Path("models/search/best_params.json").read_text())
-    assert best["trial"] in mine + theirs and best["skipped"] is False
+    assert best["trial"] in mine + theirs and best["skipped"] is False and best["objective"] == "val_cer"
     assert PASSWORD not in out + err
     for path in list(Path("models").rglob("*")) + [tmp_path / "joiner.log"]:
         if path.is_file():
