@@ -8,16 +8,20 @@ Contract (signatures are stable):
   split_train_val(rows, val_ratio, seed) -> (train_rows, val_rows)
       Seeded split of the non-test rows; whole documents (image folders) go to one side.
   run_training(config, base_dir, train_rows, val_rows, output_dir, *, callbacks=(),
-               live_dir=None, resume=False, checkpoint_dir=None) -> dict
+               live_dir=None, resume=False, checkpoint_dir=None, measure_cer=True) -> dict
       Trains LoRA adapters (TRL SFTTrainer; unsloth on CUDA when chosen), evaluating eval_loss
       every `eval_steps` optimizer steps, and saves the BEST adapter + processor files to
       output_dir. `callbacks` are transformers.TrainerCallback objects (the search reports
       eval_loss to Optuna from on_evaluate and may raise optuna.TrialPruned: exceptions
       propagate). `live_dir`: dvclive folder for per-step train loss / per-eval eval_loss.
       `resume`: continue from the last checkpoint in checkpoint_dir (default
-      output_dir + ".checkpoints"). Returns the final metrics: train_loss, eval_loss,
-      best_eval_loss, best_step, global_step, runtime_s, samples_per_second,
-      trainable_params, total_params, backend.
+      output_dir + ".checkpoints"; git-ignored, deleted after a finished run). Returns the
+      final metrics: train_loss, eval_loss (of the saved best adapter), best_eval_loss,
+      best_step, global_step, runtime_s, samples_per_second, trainable_params, total_params,
+      backend, and with measure_cer val_cer / val_cer_base (greedy CER on val_rows of the
+      fine-tuned model and of the base: the same model with its adapter disabled).
+  choose_backend(config) -> "unsloth" | "transformers" (UserError for what cannot run here:
+      unsloth without CUDA, load_in_4bit without CUDA).
 """
 import os
 
