@@ -11,7 +11,9 @@
    greedy-decoding CER on the validation lines of the fine-tuned model and of the base.
 
 --resume continues an interrupted run from its last checkpoint in models/checkpoints/train/
-(kept outside the DVC out, git-ignored, deleted after a finished run).
+(kept outside the DVC out, git-ignored, deleted after a finished run; one every eval_steps):
+    python -m stages.train --resume && dvc commit train
+--report-to wandb adds a tracker for transformers (dvclive is always on).
 """
 import argparse
 
