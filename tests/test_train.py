@@ -188,3 +188,19 @@ def test_cpu_refuses_what_it_cannot_run():
         choose_backend(small_config(backend="unsloth"))
     with pytest.raises(UserError, match="'load_in_4bit' needs a CUDA GPU"):
         choose_backend(small_config(load_in_4bit=True))
+
+
+def test_train_takes_the_searched_values_only_when_the_search_ran(tmp_path):
+    from stages.train import searched_values
+
+    best = tmp_path / "best_params.json"
+    params = {"search": {"n_trials": 6}}
+    assert searched_values(params, best) == {}  # no file yet: params.yaml alone
+    best.write_text(json.dumps({"params": {"lora_r": 32, "learning_rate": 4.0e-3}, "skipped": False}))
+    assert searched_values(params, best) == {"lora_r": 32, "learning_rate": 4.0e-3}
+    assert searched_values({"search": {"n_trials": 0}}, best) == {}
+    best.write_text(json.dumps({"params": {}, "skipped": True}))
+    assert searched_values(params, best) == {}
+    best.write_text(json.dumps({"params": {"lora_rank": 8}}))
+    with pytest.raises(UserError, match="lora_rank"):
+        searched_values(params, best)
