@@ -40,11 +40,17 @@ def read_params(params):
         raise UserError(f"params.yaml: 'base.image_size' must be a multiple of 128 (4x4 cells of 32 px), got {cfg['image_size']}")
     if cfg["text_hidden_size"] % 32 or cfg["vision_hidden_size"] % 32:
         raise UserError("params.yaml: 'base.text_hidden_size' and 'base.vision_hidden_size' must be multiples of 32")
-    if cfg["pretrain_batch_size"] > cfg["pretrain_lines"]:
-        raise UserError("params.yaml: 'base.pretrain_batch_size' is larger than 'base.pretrain_lines'")
+    if cfg["pretrain_batch_size"] > cfg["pretrain_lines"] - held_out_count(cfg):
+        raise UserError(f"params.yaml: 'base.pretrain_batch_size' is larger than the {cfg['pretrain_lines']} "
+                        f"'base.pretrain_lines' minus the {held_out_count(cfg)} held out for the base's CER")
     if not cfg["fonts"] or not cfg["font_sizes"] or not all(isinstance(s, int) and s > 0 for s in cfg["font_sizes"]):
         raise UserError("params.yaml: 'base.fonts' and 'base.font_sizes' must be non-empty lists (sizes: positive ints)")
     return cfg
+
+
+def held_out_count(cfg):
+    """Pre-training lines kept aside to measure the base's CER: 100, or a fifth of small sets."""
+    return min(100, cfg["pretrain_lines"] // 5)
 
 
 def render_pretraining_lines(cfg):
@@ -86,7 +92,8 @@ def main(argv=None):
     rows = read_split(args.non_test)
     alphabet = sorted(set(charset()) | {ch for row in rows for ch in row["ocr_text"]})
     samples = render_pretraining_lines(cfg)
-    held_out, samples = samples[:100], samples[100:]
+    n_held = held_out_count(cfg)
+    held_out, samples = samples[:n_held], samples[n_held:]
     sizes = {k: cfg[k] for k in ("seed", "image_size", "text_hidden_size", "text_layers",
                                  "vision_hidden_size", "vision_layers")}
     with atomic_dir(args.output) as tmp:
@@ -100,7 +107,7 @@ def main(argv=None):
     stats.update(vocab_size=len(processor.tokenizer), parameters=sum(p.numel() for p in model.parameters()))
     atomic_write_json(args.metrics, stats)
     print(f"base: tiny Gemma 3 ({stats['parameters']:,} parameters) pre-trained {cfg['pretrain_steps']} steps "
-          f"in {stats['pretrain_runtime_s']} s; CER on 100 held-out sans lines {stats['pretrain_held_out_cer']:.4f}")
+          f"in {stats['pretrain_runtime_s']} s; CER on {n_held} held-out sans lines {stats['pretrain_held_out_cer']:.4f}")
 
 
 if __name__ == "__main__":
