@@ -53,8 +53,12 @@ def test_table_matches_a_full_scan_of_unicode():
 
 
 def test_normalize_many_equals_normalize():
-    texts = ["Ａ，b", "", "e\u0301 !", "中文。"]
+    # Boundaries: a combining mark or a Hangul vowel at the start of a text must not compose
+    # with the end of the previous text; a text holding the separator takes the slow path.
+    texts = ["Ａ，b", "", "e\u0301 !", "\u0301a", "中文。", "\u1100", "\u1161", "e"]
     assert M.normalize_many(texts) == [M.normalize(t) for t in texts]
+    assert M.normalize_many(["a\x00b", "c"]) == [M.normalize("a\x00b"), "c"]
+    assert M.normalize_many([]) == []
 
 
 def test_normalize_matches_a_per_character_definition():
