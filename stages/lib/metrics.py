@@ -88,17 +88,35 @@ def normalize(text):
 
 
 SEPARATOR = "\x00"  # kept by the table (not whitespace, not punctuation); a starter, so NFC never composes across it
+DELETE = 0xFFFFFFFF  # marks a deleted code point in the numpy lookup table
+
+
+@functools.cache
+def lookup_array():
+    """translation_table() as a numpy array (DELETE for removed code points) for normalize_many."""
+    import numpy as np
+
+    return np.array([DELETE if code is None else code for code in translation_table()], dtype=np.uint32)
 
 
 def normalize_many(texts):
-    """normalize() of every text, done as one NFC and one translate over the joined texts: the
-    same result without a Python-level call per string (about 4x faster on 200,000 pairs)."""
+    """normalize() of every text, done over all texts at once: one NFC of the joined texts, then
+    the table applied as a numpy lookup on UTF-32 code points. Same result as normalize() per
+    text; str.translate costs ~25 ns a character on CJK text, which made it scoring's largest cost."""
+    import numpy as np
+
     texts = list(texts)
     joined = SEPARATOR.join(texts)
     if not texts or joined.count(SEPARATOR) != len(texts) - 1:  # a text holds the separator itself
-        nfc, table = unicodedata.normalize, translation_table()
-        return [nfc("NFC", t).translate(table) for t in texts]
-    return unicodedata.normalize("NFC", joined).translate(translation_table()).split(SEPARATOR)
+        return [normalize(t) for t in texts]
+    if not unicodedata.is_normalized("NFC", joined):
+        joined = unicodedata.normalize("NFC", joined)
+    code_points = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    table = lookup_array()
+    inside = code_points < len(table)  # code points above the table are kept (as str.translate does)
+    mapped = np.where(inside, table[np.where(inside, code_points, 0)], code_points)
+    kept = mapped[mapped != DELETE]
+    return kept.tobytes().decode("utf-32-le", "surrogatepass").split(SEPARATOR)
 
 
 # ---------------------------------------------------------------- per sample
@@ -240,7 +258,18 @@ def bootstrap_intervals(scores, resamples, seed, level=0.95):
     values, sizes = np.unique(scores["f1"], return_counts=True)
     f1s = _resample_counts(rng, n, sizes, resamples) @ values / n
 
-    return tuple(tuple(float(q) for q in np.quantile(stat, [tail, 1 - tail])) for stat in (cers, f1s))
+    return tuple((percentile(stat, tail), percentile(stat, 1 - tail)) for stat in (cers, f1s))
+
+
+def percentile(values, q):
+    """np.quantile's default (linear interpolation), without the ~30 ms import of numpy.ma it brings."""
+    import numpy as np
+
+    ordered = np.sort(values)
+    position = q * (len(ordered) - 1)
+    low = int(np.floor(position))
+    high = min(low + 1, len(ordered) - 1)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
 
 
 def _resample_counts(rng, n, group_sizes, resamples, max_cells=4_000_000):
