@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test bench clean-venv
+.PHONY: setup repro test bench readme clean-venv
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ bench: setup
 	$(BIN)/python -m bench.bench_score
 	$(BIN)/python -m bench.bench_client
 	$(BIN)/python -m bench.bench_merge
+
+readme:  # copy metrics/summary.md into the README's results section
+	python3 tools/update_readme.py
 
 clean-venv:
 	rm -rf $(VENV)
