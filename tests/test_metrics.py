@@ -137,7 +137,8 @@ def test_batch_scores_equal_single_pair_functions():
     assert scores["cer"].tolist() == [M.cer(r, p) for r, p in zip(refs, preds)]
     assert scores["f1"].tolist() == [M.f1(r, p) for r, p in zip(refs, preds)]
     assert scores["ned"].tolist() == [M.ned_value(d, len(r), len(p)) for d, r, p in zip(scores["distance"], refs, preds)]
-    assert M.sort_characters(["ba", "", "c😀a"]) == ["ab", "", "ac😀"]
+    assert M.common_counts(["ba", "", "c😀a", "xx"], ["ab", "", "😀x", ""]).tolist() == [2, 0, 1, 0]
+    assert M.common_counts(["", ""], ["a", ""]).tolist() == [0, 0]
 
 
 # ---------------------------------------------------------------- aggregates

@@ -45,7 +45,6 @@ values) instead of n indices per resample. Same distribution, independent of sam
 import functools
 import string
 import unicodedata
-from itertools import accumulate
 
 from rapidfuzz.distance import Indel, Levenshtein
 
@@ -128,25 +127,36 @@ def common_count(ref, pred):
 
 
 def common_counts(refs, preds):
-    """common_count of many pairs; the characters of all strings are sorted in one numpy sort."""
-    distances = map(Indel.distance, sort_characters(refs), sort_characters(preds))
-    return [(len(r) + len(p) - d) // 2 for r, p, d in zip(refs, preds, distances)]
-
-
-def sort_characters(texts):
-    """Each string with its characters in code point order, like "".join(sorted(t)) per string.
-
-    One numpy sort of (string index << 21 | code point) keys sorts every string in place
-    (code points are < 2**21); sorting string by string in Python costs about 3 times more."""
+    """common_count of many pairs at once, in numpy: each character becomes a key
+    (pair index << 21 | code point; code points are < 2**21), the keys of each side are sorted
+    and run-length counted, and the multiset intersection of a pair is the sum, over the keys
+    both sides have, of the smaller count. No per-pair Python work."""
     import numpy as np
 
-    lengths = list(map(len, texts))
+    ref_keys, ref_counts = key_counts(refs)
+    pred_keys, pred_counts = key_counts(preds)
+    if len(ref_keys) == 0 or len(pred_keys) == 0:
+        return np.zeros(len(refs), dtype=np.int64)
+    at = np.minimum(np.searchsorted(ref_keys, pred_keys), len(ref_keys) - 1)
+    shared = ref_keys[at] == pred_keys
+    smaller = np.minimum(ref_counts[at[shared]], pred_counts[shared])
+    pair = (pred_keys[shared] >> np.uint64(21)).astype(np.int64)
+    return np.bincount(pair, weights=smaller, minlength=len(refs)).astype(np.int64)
+
+
+def key_counts(texts):
+    """(distinct sorted keys, how often each occurs) of the characters of `texts`, a key being
+    (text index << 21 | code point)."""
+    import numpy as np
+
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
     code_points = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     keys = np.repeat(np.arange(len(texts), dtype=np.uint64), lengths) << np.uint64(21) | code_points
     keys.sort()
-    joined = (keys & np.uint64(0x1FFFFF)).astype(np.uint32).tobytes().decode("utf-32-le", "surrogatepass")
-    ends = accumulate(lengths)
-    return [joined[end - length:end] for end, length in zip(ends, lengths)]
+    if len(keys) == 0:
+        return keys, np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+    return keys[starts], np.diff(np.append(starts, len(keys)))
 
 
 def cer_value(distance, ref_len):
@@ -202,7 +212,8 @@ def score_pairs(refs, preds):
     # the sort-based count, which is the costliest step of scoring.
     common = np.minimum(ref_len, pred_len)
     rest = np.flatnonzero(distance != longest - common).tolist()
-    common[rest] = common_counts([refs[i] for i in rest], [preds[i] for i in rest])
+    if rest:
+        common[rest] = common_counts([refs[i] for i in rest], [preds[i] for i in rest])
     return {
         "distance": distance,
         "ref_len": ref_len,
