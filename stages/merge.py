@@ -106,6 +106,9 @@ def main(argv=None):
     size = M.merged_size_bytes(base_dir, torch_dtype.itemsize)
     M.check_free_space(args.out, size, args.keep_free_gb)
     backend = choose_backend({"backend": backend, "load_in_4bit": False})  # the base always loads in 16-bit here
+    backend, note = M.merge_backend(backend, base_dir, dtype_name)
+    if note:
+        print(f"merge: {note}")
     images = parity_images(args.rows, args.samples, val_ratio, seed)
     processor = load_processor(args.adapter, base_dir)
 

@@ -87,6 +87,17 @@ def test_parity_passes_and_is_sensitive(merged):
     assert m["vision_lora_effect"] > 5 * m["tolerance"] and m["adapter_effect"] > 5 * m["tolerance"]
 
 
+def test_unsloth_merges_only_a_base_stored_in_the_merge_dtype(merged, tiny_base_dir):
+    # unsloth's merged save keeps the base's stored dtype (seen on an H200 with the float32 tiny base)
+    folder, _ = merged
+    assert M.stored_dtypes(tiny_base_dir) == {"F32"} and M.stored_dtypes(folder) == {"BF16"}
+    backend, note = M.merge_backend("unsloth", tiny_base_dir, "bfloat16")
+    assert backend == "transformers" and "['F32']" in note
+    assert M.merge_backend("unsloth", tiny_base_dir, "float32") == ("unsloth", None)
+    assert M.merge_backend("unsloth", folder, "bfloat16") == ("unsloth", None)
+    assert M.merge_backend("transformers", tiny_base_dir, "bfloat16") == ("transformers", None)
+
+
 def test_language_and_vision_lora_are_merged(merged, tiny_base_dir, adapter_dir):
     """Every LoRA layer's merged weight is the base's plus scale * B @ A, vision tower included."""
     from safetensors.torch import load_file

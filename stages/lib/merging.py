@@ -262,7 +262,7 @@ def merge_with_peft(peft_model, out_dir):
 
 
 def merge_with_unsloth(base_dir, adapter_dir, out_dir, torch_dtype, processor):
-    """The GPU path: unsloth's own 16-bit merged save (not exercised on CPU machines).
+    """The GPU path: unsloth's own 16-bit merged save (ran on an H200 with unsloth 2026.10.9; not on CPUs).
 
     unsloth loads the base named in adapter_config.json, so a copy of the adapter config that
     names `base_dir` is used: the merge cannot silently pick another base."""
@@ -281,10 +281,29 @@ def merge_with_unsloth(base_dir, adapter_dir, out_dir, torch_dtype, processor):
     free_memory()
 
 
+SAFETENSORS_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def stored_dtypes(folder):
+    """The set of safetensors dtypes ('BF16', 'F32', ...) of every tensor in a model folder."""
+    return {d for p in Path(folder).glob("*.safetensors") for d, _ in safetensors_header(p).values()}
+
+
+def merge_backend(backend, base_dir, dtype_name):
+    """unsloth's merged save merges the base's files shard by shard in their stored dtype (seen on an
+    H200: the float32 tiny base gave a float32 merge), so a base stored in another dtype than the merge
+    dtype is merged with peft, which merges in the merge dtype. Returns (backend, note or None)."""
+    stored = stored_dtypes(base_dir)
+    if backend == "unsloth" and stored != {SAFETENSORS_DTYPE[dtype_name]}:
+        return "transformers", (f"{base_dir} is stored as {sorted(stored)}, not {dtype_name}: merging with peft "
+                                "(unsloth's merged save keeps the stored dtype)")
+    return backend, None
+
+
 def check_saved_dtype(out_dir, dtype_name):
     """Every saved tensor in the merge dtype: no 4-bit packed or float32 leftovers."""
-    want = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[dtype_name]
-    found = {d for p in Path(out_dir).glob("*.safetensors") for d, _ in safetensors_header(p).values()}
+    want = SAFETENSORS_DTYPE[dtype_name]
+    found = stored_dtypes(out_dir)
     if found != {want}:
         raise UserError(f"{out_dir}: the merged weights are {sorted(found)}, expected only {want}")
     return want

@@ -198,7 +198,9 @@ def trial_config(settings, values):
 
 
 def make_objective(settings, base_dir, train_rows, val_rows, trials_dir, worker):
-    from .training import run_training
+    from .training import choose_backend, import_unsloth_first, run_training
+
+    import_unsloth_first(choose_backend(settings["fixed"]))  # before report_callback imports transformers
 
     def objective(trial):
         trial.set_user_attr("worker", worker)

@@ -195,6 +195,13 @@ class LiveCallback:
         return _Live()
 
 
+def import_unsloth_first(backend):
+    """unsloth patches trl, transformers and peft when imported, so it must come before them: its
+    SFTTrainer is the one that takes our plain list of conversations (trl's own refuses a list)."""
+    if backend == "unsloth":
+        import unsloth  # noqa: F401
+
+
 def load_for_training(config, base_dir, backend):
     """(model with LoRA adapters, processor) for the chosen backend."""
     import torch
@@ -257,6 +264,8 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
     import shutil
     import time
 
+    backend = choose_backend(config)
+    import_unsloth_first(backend)
     import torch
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
@@ -264,7 +273,6 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
     from .io import atomic_dir
     from .modeling import char_error_rate, read_images
 
-    backend = choose_backend(config)
     checkpoint_dir = Path(checkpoint_dir or f"{output_dir}.checkpoints")
     last = get_last_checkpoint(str(checkpoint_dir)) if resume and checkpoint_dir.is_dir() else None
     if resume and last is None:
