@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from datetime import timezone
 from pathlib import Path
 
 import pytest
@@ -202,6 +203,12 @@ def test_prune_fail_skip_resume_with_workers(project, capsys):
     best = json.loads(Path("models/search/best_params.json").read_text())
     assert best["params"] == {"learning_rate": 5.0e-3} and best["trial"] == 0 and best["skipped"] is False
     assert best["value"] == pytest.approx(t0.value) and best["objective"] == "eval_loss"
+    assert best["timestamp"] == t2.datetime_complete.astimezone(timezone.utc).isoformat(timespec="seconds")
+    # A re-run that adds no trial rewrites best_params.json byte for byte (train does not re-run).
+    before = Path("models/search/best_params.json").read_bytes()
+    code, out, err = run_stage(args + ["--resume"], capsys)
+    assert code == 0, err
+    assert Path("models/search/best_params.json").read_bytes() == before
     config = json.loads(Path("models/search/best_config.json").read_text())
     assert config["learning_rate"] == 5.0e-3 and config["num_train_epochs"] == 3.0   # params.yaml, not the trial's 2
     assert config["lora_r"] == 16 and config["report_to"] == "none"

@@ -17,7 +17,7 @@ import sys
 import time
 import traceback
 from contextlib import redirect_stderr, redirect_stdout
-from datetime import datetime, timezone
+from datetime import timezone
 from pathlib import Path
 
 from .cli import UserError
@@ -369,8 +369,11 @@ def snapshot_to_sqlite(study_name, from_storage, sqlite_path):
     os.replace(tmp, sqlite_path)
 
 
-def now():
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def last_finished(study):
+    """When the study's last trial finished (UTC, ISO 8601), or None. Not the time of writing: a
+    re-run that adds no trial then writes the same best_params.json, and DVC does not re-train."""
+    times = [t.datetime_complete for t in study.get_trials(deepcopy=False) if t.datetime_complete]
+    return max(times).astimezone(timezone.utc).isoformat(timespec="seconds") if times else None
 
 
 def write_outputs(study, settings, out_dir, *, skipped):
@@ -382,7 +385,7 @@ def write_outputs(study, settings, out_dir, *, skipped):
     write_trials_csv(study, out_dir / "trials.csv", names)
     c = counts(study)
     info = {"params": {}, "trial": None, "value": None, "objective": settings["objective"],
-            "study_name": study.study_name, "timestamp": now(), "skipped": skipped,
+            "study_name": study.study_name, "timestamp": last_finished(study), "skipped": skipped,
             "trials": {"complete": c["COMPLETE"], "pruned": c["PRUNED"], "failed": c["FAIL"]},
             "adapter": None}
     if not skipped:
