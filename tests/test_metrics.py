@@ -61,6 +61,19 @@ def test_normalize_many_equals_normalize():
     assert M.normalize_many([]) == []
 
 
+def test_normalize_many_over_all_of_unicode_and_several_blocks():
+    # Every code point of planes 0-2 and a few above (tags, the last one), in texts spread over
+    # several blocks, starting from an empty lookup array (filled in as code points are seen).
+    # One block also holds a text with the separator, so that block alone takes the slow path.
+    M.lookup_array.cache_clear()
+    codes = [c for c in range(1, 0x30000)] + [0xE0041, 0xE007F, 0xF0000, 0x10FFFF]
+    texts = ["".join(map(chr, codes[i:i + 40])) for i in range(0, len(codes), 40)]
+    texts[2 * M.BLOCK + 5] = "a\x00b"
+    assert len(texts) > 3 * M.BLOCK
+    assert M.normalize_many(texts) == [M.normalize(t) for t in texts]
+    assert M.normalize_many(texts[:10]) == [M.normalize(t) for t in texts[:10]]  # the array filled in
+
+
 def test_normalize_matches_a_per_character_definition():
     # A slow, literal reading of the definition: NFC, fold, then drop whitespace/punctuation.
     def literal(text):
@@ -139,6 +152,17 @@ def test_batch_scores_equal_single_pair_functions():
     assert scores["ned"].tolist() == [M.ned_value(d, len(r), len(p)) for d, r, p in zip(scores["distance"], refs, preds)]
     assert M.common_counts(["ba", "", "c😀a", "xx"], ["ab", "", "😀x", ""]).tolist() == [2, 0, 1, 0]
     assert M.common_counts(["", ""], ["a", ""]).tolist() == [0, 0]
+    assert M.common_counts([], []).tolist() == []
+
+
+def test_common_counts_over_several_blocks():
+    rng = random.Random(1)
+    pool = "aab😀c的的一\ud800"
+    refs = ["".join(rng.choice(pool) for _ in range(rng.randint(0, 12))) for _ in range(3 * M.BLOCK + 7)]
+    preds = ["".join(rng.choice(pool) for _ in range(rng.randint(0, 12))) for _ in refs]
+    refs[M.BLOCK:2 * M.BLOCK] = [""] * M.BLOCK  # a block of empty references
+    expected = [sum((Counter(r) & Counter(p)).values()) for r, p in zip(refs, preds)]
+    assert M.common_counts(refs, preds).tolist() == expected
 
 
 # ---------------------------------------------------------------- aggregates

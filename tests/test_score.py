@@ -1,6 +1,7 @@
 """stages/score.py: the one-file command, the DVC stage mode, bad input, and the light import."""
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,7 @@ def test_failed_samples_are_left_out_of_every_figure(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
+    ("", "not valid JSON"),
     ("{not json", "not valid JSON"),
     ('{"overall_cer": 0.1}', "'samples' list"),
     ('{"samples": {}}', "'samples' must be a list"),
@@ -114,6 +116,24 @@ def test_command_line_exit_code_and_one_line(tmp_path):
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: {src}: samples[0]: field 'prediction' missing"
+
+
+def test_command_line_success(tmp_path):
+    # The command as a user runs it: output complete and in place, the report line on stdout
+    # (buffered, as in a pipe), exit code 0, no temp file left.
+    src = write(tmp_path / "x.json", evaluation([dict(s) for s in SAMPLES]))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-m", "stages.score", "--input", str(src), "--output",
+                           str(tmp_path / "out.json"), "--bootstrap-samples", "20", "--seed", "0"],
+                          cwd=ROOT, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"score: {describe_of(tmp_path / 'out.json')}\n" and done.stderr == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "x.json"]
+
+
+def describe_of(path):
+    out = json.loads(path.read_text(encoding="utf-8"))
+    return score.describe(path, out)
 
 
 def test_scoring_does_not_import_torch():
