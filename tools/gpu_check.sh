@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # A short check of the GPU code paths on a CUDA machine, through the same stage code the pipeline runs:
-#   1. train with unsloth (16-bit LoRA), 2. merge that adapter with unsloth's merged save,
-#   3. train with unsloth 4-bit QLoRA, 4. train with transformers + peft on CUDA (bf16),
-#   5. train with transformers + bitsandbytes 4-bit, 6. merge the peft adapter with peft on CUDA
-#   (the merge stage checks parity for both merges).
+#   1. train with unsloth (16-bit LoRA), 2. merge that adapter with backend unsloth (unsloth's
+#   merged save for a base stored in the merge dtype; the float32 tiny base goes to peft, and the
+#   log says so), 3. train with unsloth 4-bit QLoRA, 4. train with transformers + peft on CUDA
+#   (bf16), 5. train with transformers + bitsandbytes 4-bit, 6. merge the peft adapter with peft
+#   on CUDA (the merge stage checks parity for both merges).
 # Each run is short (params below); its metrics JSON and log land in OUTDIR. A step that fails is
 # reported and the others still run; the exit status is the number of failed steps.
 #
 # Usage, from the project root, after `make repro` built models/base and data/ (or copy them here):
 #   bash tools/gpu_check.sh OUTDIR
-# STEP_TIMEOUT (seconds, default 900) bounds each step; STEPS="unsloth_bf16 merge_unsloth" runs only those. Nothing in the project is changed: each step runs in a temporary folder with its own params.yaml.
+# STEP_TIMEOUT (seconds, default 900) bounds each step; STEPS="unsloth_bf16 merge_unsloth" runs
+# only those. Nothing in the project is changed: each step runs in a temporary folder with its own
+# params.yaml.
 set -uo pipefail
 
 out=$(realpath -m "${1:-gpu_check}")
