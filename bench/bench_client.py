@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from stages.lib.client import ChatClient, run_samples
+from stages.lib.prompt import DEFAULT_INSTRUCTION
 from stages.lib.synthetic import random_line, render_line
 
 STUB = textwrap.dedent("""
@@ -67,7 +68,7 @@ def make_samples(folder, n):
 
 
 def timed_run(url, samples, workers, out):
-    client = ChatClient(url, "bench", "請給我 OCR 結果", max_tokens=64, stop=["<end_of_turn>"], timeout=30,
+    client = ChatClient(url, "bench", DEFAULT_INSTRUCTION, max_tokens=64, stop=["<end_of_turn>"], timeout=30,
                         max_retries=0)
     cpu, wall = time.process_time(), time.perf_counter()
     records, summary = run_samples(samples, client.predict, workers=workers, output_path=out,
@@ -81,10 +82,10 @@ def timed_run(url, samples, workers, out):
 
 def piece_costs(samples, out, n=200):
     """The client's work without any network: payload building, and the runner's bookkeeping."""
-    client = ChatClient("http://127.0.0.1:9", "bench", "請給我 OCR 結果", max_tokens=64, stop=["<end_of_turn>"])
+    client = ChatClient("http://127.0.0.1:9", "bench", DEFAULT_INSTRUCTION, max_tokens=64, stop=["<end_of_turn>"])
     start = time.perf_counter()
     for sample in samples[:1] * n:
-        json.dumps(client.payload(sample["image_path"]), ensure_ascii=False).encode("utf-8")
+        client.body(sample["image_path"])
     encode = (time.perf_counter() - start) / n
     many = samples[:1] * n
     many = [{"image_path": s["image_path"], "label": f"{s['label']}{i}"} for i, s in enumerate(many)]

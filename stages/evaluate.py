@@ -45,7 +45,7 @@ from .lib.cli import UserError, run_main
 from .lib.client import ChatClient, SampleError, load_previous, run_samples
 from .lib.io import atomic_write_json, read_split
 from .lib.prompt import user_turn
-from .lib.serving import Server, base_url, check_model_served, managed_server, served_models
+from .lib.serving import Server, base_url, check_model_served, managed_server, served_ids, served_models
 
 ENGINES = ("auto", "transformers", "vllm", "tesseract")
 
@@ -141,16 +141,16 @@ def model_folder(path):
 
 def folder_identity(path):
     """Names, sizes and mtimes of a model folder: cheap, and changes whenever a stage rewrites it."""
-    return sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in Path(path).rglob("*") if p.is_file())
+    return sorted((str(p.relative_to(path)), st.st_size, st.st_mtime_ns)
+                  for p in Path(path).rglob("*") if p.is_file() for st in [p.stat()])
 
 
-def fingerprint(args, identity):
+def fingerprint(identity, generation=None):
     """What must match for an earlier output file to be resumed: the model (or engine) and,
-    for a model, the prompt as built and the generation settings."""
-    settings = {} if args.engine == "tesseract" else {
-        "prompt": user_turn(args.instruction, image_url="<image>"), "max_tokens": args.max_tokens,
-        "stop": args.sent_stop, "temperature": 0}
+    for a model, the prompt as built and the generation settings (ChatClient.generation)."""
+    settings = {} if generation is None else {
+        "prompt": user_turn(generation["instruction"], image_url="<image>"), "max_tokens": generation["max_tokens"],
+        "stop": generation["stop"], "temperature": generation["temperature"]}
     blob = json.dumps({"identity": identity, **settings}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
@@ -189,12 +189,12 @@ def tesseract_predict(lang, psm, timeout):
 # ---- the stage ----
 
 @contextmanager
-def model_server(args):
-    """A Server to talk to: the user's URL (checked, untracked) or one we start and stop."""
+def model_server(args, folder):
+    """A Server to talk to: the user's URL (checked, untracked) or one we start and stop on `folder`."""
     if args.url:
         url = base_url(args.url)
         models = served_models(url, timeout=min(args.timeout, 30))
-        ids = [m.get("id") for m in models.get("data", []) if isinstance(m, dict)]
+        ids = served_ids(models)
         name = args.model_name or (ids[0] if len(ids) == 1 else None)
         if name is None:
             raise UserError(f"{url} serves {ids or 'no listed model'}: pass --model-name")
@@ -203,16 +203,16 @@ def model_server(args):
               "its /v1/models answer is recorded in the output", file=sys.stderr)
         yield Server(url=url, model_name=name, engine="external", models=models)
         return
-    folder = model_folder(args.model_dir)
     print(f"evaluate: starting a model server on {folder} (engine {args.engine}) ...", file=sys.stderr)
     with managed_server(folder, args.engine, args.startup_timeout, args.model_name, args.server_args) as server:
         print(f"evaluate: {server.engine} serve ready at {server.url} (pid {server.pid})", file=sys.stderr)
         yield server
 
 
-def evaluate(args, samples, predict, identity, model_name, server_info, stopping=None):
-    """Run (resuming), write the final document, fail when too many samples failed."""
-    fp = fingerprint(args, identity)
+def evaluate(args, samples, predict, identity, model_name, server_info, generation=None, stopping=None):
+    """Run (resuming), write the final document, fail when too many samples failed. `generation`:
+    the model's request settings (None for Tesseract)."""
+    fp = fingerprint(identity, generation)
     previous = load_previous(args.output_file, fp)
     if previous is None:
         print(f"evaluate: {args.output_file} is from another model or settings: starting over", file=sys.stderr)
@@ -221,9 +221,8 @@ def evaluate(args, samples, predict, identity, model_name, server_info, stopping
     header = {"model_name": model_name, "engine": server_info["engine"], "fingerprint": fp,
               "data_file": str(args.data_file), "server": server_info,
               "top_k": args.top_k}
-    if args.engine != "tesseract":
-        header["generation"] = {"instruction": args.instruction, "temperature": 0, "max_tokens": args.max_tokens,
-                                "stop": args.sent_stop}
+    if generation is not None:
+        header["generation"] = generation
     records, summary = run_samples(samples, predict, workers=args.workers, output_path=args.output_file,
                                    header=header, save_interval=args.save_interval, previous=previous,
                                    desc=Path(args.output_file).stem, on_interrupt=stopping)
@@ -251,28 +250,27 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.engine == "tesseract":
         version = tesseract_version(args.tesseract_lang)
-        args.sent_stop = []
         identity = {"tesseract": version, "lang": args.tesseract_lang, "psm": args.tesseract_psm}
         info = {"engine": "tesseract", "version": version, "lang": args.tesseract_lang, "psm": args.tesseract_psm}
         predict = tesseract_predict(args.tesseract_lang, args.tesseract_psm, args.timeout)
         evaluate(args, samples, predict, identity, f"tesseract {args.tesseract_lang}", info)
         return
-    with model_server(args) as server:
-        # transformers serve 5.24 answers HTTP 500 to `stop` with a vision processor (see docstring)
-        args.sent_stop = [] if server.engine == "transformers" else list(args.stop)
+    folder = None if args.url else model_folder(args.model_dir)
+    with model_server(args, folder) as server:
         client = ChatClient(server.url, server.model_name, args.instruction, max_tokens=args.max_tokens,
-                            stop=args.sent_stop, timeout=args.timeout, max_retries=args.max_retries,
+                            stop=args.stop if server.accepts_stop else [], timeout=args.timeout, max_retries=args.max_retries,
                             backoff_s=args.retry_backoff)
         if server.engine == "external":
             identity = {"url": server.url, "model": server.model_name,
-                        "served": [m.get("id") for m in server.models.get("data", []) if isinstance(m, dict)]}
+                        "served": served_ids(server.models)}
         else:
             identity = {"engine": server.engine, "folder": str(Path(args.model_dir)), "server_args": args.server_args,
-                        "files": folder_identity(model_folder(args.model_dir))}
+                        "files": folder_identity(folder)}
         info = {"engine": server.engine, "url": server.url, "managed": server.engine != "external",
                 "models": server.models}
         try:
-            evaluate(args, samples, client.predict, identity, server.model_name, info, client.stopping.set)
+            evaluate(args, samples, client.predict, identity, server.model_name, info, client.generation,
+                     client.stopping.set)
         finally:
             client.close()
 

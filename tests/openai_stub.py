@@ -17,13 +17,12 @@ MODEL = "stub-model"
 
 
 class Stub:
-    def __init__(self, answers, faults=None, delay_s=0.0, slow_s=2.0, healthy=True, model=MODEL, port=0,
+    def __init__(self, answers, faults=None, delay_s=0.0, slow_s=2.0, model=MODEL, port=0,
                  log_path=None):
         self.answers = dict(answers)          # data URL -> text to answer
         self.faults = {k: list(v) for k, v in (faults or {}).items()}   # text -> faults per attempt
         self.delay_s = delay_s
         self.slow_s = slow_s
-        self.healthy = healthy
         self.model = model
         self.requests = Counter()             # text -> number of chat requests seen
         self.payloads = []
@@ -62,7 +61,7 @@ class Stub:
 
             def do_GET(self):
                 if self.path == "/health":
-                    self._send(200 if stub.healthy else 503, {"status": "ok" if stub.healthy else "starting"})
+                    self._send(200, {"status": "ok"})
                 elif self.path == "/v1/models":
                     self._send(200, {"object": "list", "data": [{"id": stub.model, "object": "model"}]})
                 else:

@@ -12,10 +12,10 @@ import requests
 from openai_stub import MODEL, Stub, answers_for
 from stages.lib.cli import UserError
 from stages.lib.client import ChatClient, SampleError, load_previous, run_samples
-from stages.lib.prompt import chat_messages
+from stages.lib.prompt import DEFAULT_INSTRUCTION, chat_messages
 from stages.lib.serving import check_model_served, managed_server, run_server
 
-INSTRUCTION = "請給我 OCR 結果"
+INSTRUCTION = DEFAULT_INSTRUCTION
 
 
 def samples_of(rows):

@@ -10,12 +10,12 @@ import yaml
 
 from stages.lib.cli import UserError
 from stages.lib.params import load_params
-from stages.lib.prompt import training_example
-from stages.lib.training import (load_for_training, load_rgb, run_training, split_train_val,
-                                 training_config)
+from stages.lib.modeling import load_processor
+from stages.lib.prompt import DEFAULT_INSTRUCTION
+from stages.lib.training import load_for_training, ocr_examples, run_training, split_train_val, training_config
 
 ROOT = Path(__file__).resolve().parents[1]
-INSTRUCTION = "請給我 OCR 結果"
+INSTRUCTION = DEFAULT_INSTRUCTION
 
 
 def small_config(**overrides):
@@ -29,11 +29,11 @@ def collated(processor, rows):
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
     collator = DataCollatorForVisionLanguageModeling(processor, completion_only_loss=True)
-    return collator([training_example(load_rgb(r["image_path"]), r["ocr_text"], INSTRUCTION) for r in rows])
+    return collator(ocr_examples(rows, INSTRUCTION))
 
 
 def test_labels_cover_only_the_answer(tiny_base_dir, tiny_rows):
-    _, processor = load_for_training(small_config(), tiny_base_dir, "transformers")
+    processor = load_processor(tiny_base_dir)
     rows = tiny_rows[:4]
     batch = collated(processor, rows)
     for labels, ids, row in zip(batch["labels"], batch["input_ids"], rows):

@@ -67,12 +67,21 @@ class ChatClient:
                 session.close()
             self._sessions.clear()
 
+    @property
+    def generation(self):
+        """The settings every request carries (recorded in the output and in its fingerprint)."""
+        return {"instruction": self.instruction, "temperature": 0, "max_tokens": self.max_tokens, "stop": self.stop}
+
     def payload(self, image_path):
         body = {"model": self.model_name, "messages": chat_messages(image_path, self.instruction),
-                "temperature": 0, "max_tokens": self.max_tokens}
+                "temperature": self.generation["temperature"], "max_tokens": self.max_tokens}
         if self.stop:
             body["stop"] = self.stop
         return body
+
+    def body(self, image_path):
+        """The request body as sent: payload() as UTF-8 JSON."""
+        return json.dumps(self.payload(image_path), ensure_ascii=False).encode("utf-8")
 
     def _backoff(self, attempt):
         """Exponential backoff with jitter (so that workers do not retry in lock-step)."""
@@ -83,7 +92,7 @@ class ChatClient:
     def predict(self, sample):
         """One sample -> {"prediction", "completion_tokens", ...}; SampleError when it cannot."""
         try:
-            body = json.dumps(self.payload(sample["image_path"]), ensure_ascii=False).encode("utf-8")
+            body = self.body(sample["image_path"])
         except OSError as err:
             raise SampleError(f"image unreadable: {err}") from None
         session = self._session()
@@ -168,30 +177,19 @@ def load_previous(path, fingerprint):
     return done
 
 
-def _percentile(values, q):
-    if not values:
-        return None
-    values = sorted(values)
-    rank = q / 100 * (len(values) - 1)
-    low = int(rank)
-    high = min(low + 1, len(values) - 1)
-    return round(values[low] + (values[high] - values[low]) * (rank - low), 4)
-
-
 def summarize(records, wall_s, new_count, new_tokens):
     """Overall RAW figures over the successful samples, and this run's speed figures."""
     ok = [r for r in records if "error" not in r]
-    pairs = [(r["prediction"], r["label"]) for r in ok]
     latencies = [r["latency_s"] for r in ok if isinstance(r.get("latency_s"), (int, float))]
     return {
-        "overall_cer": metrics.corpus_cer([l for _, l in pairs], [p for p, _ in pairs]) if pairs else None,
+        "overall_cer": metrics.corpus_cer([r["label"] for r in ok], [r["prediction"] for r in ok]) if ok else None,
         "overall_f1": (sum(r["f1_score"] for r in ok) / len(ok)) if ok else None,
         "total_samples": len(records),
         "failed_count": len(records) - len(ok),
         "samples_per_s": round(new_count / wall_s, 3) if wall_s > 0 else None,
         "tokens_per_s": round(new_tokens / wall_s, 2) if wall_s > 0 and new_tokens else None,
-        "latency_p50_s": _percentile(latencies, 50),
-        "latency_p95_s": _percentile(latencies, 95),
+        "latency_p50_s": round(metrics.percentile(latencies, 0.50), 4) if latencies else None,
+        "latency_p95_s": round(metrics.percentile(latencies, 0.95), 4) if latencies else None,
         "evaluated_this_run": new_count,
         "wall_s": round(wall_s, 3),
     }

@@ -307,12 +307,11 @@ def bootstrap_intervals(scores, resamples, seed, level=0.95):
 
 
 def percentile(values, q):
-    """np.quantile's default (linear interpolation), without the ~30 ms import of numpy.ma it brings."""
-    import numpy as np
-
-    ordered = np.sort(values)
+    """np.quantile's default (linear interpolation), in plain Python: no numpy import (the
+    evaluation client uses it for latencies) and none of the ~30 ms import of numpy.ma np.quantile brings."""
+    ordered = sorted(values)
     position = q * (len(ordered) - 1)
-    low = int(np.floor(position))
+    low = int(position)
     high = min(low + 1, len(ordered) - 1)
     return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
 

@@ -42,7 +42,11 @@ class Server:
     engine: str                  # transformers | vllm | external
     models: dict = field(default_factory=dict)   # the /v1/models answer
     pid: int | None = None
-    log_path: str | None = None
+
+    @property
+    def accepts_stop(self):
+        """transformers serve 5.24 answers HTTP 500 to `stop` with a vision processor."""
+        return self.engine != "transformers"
 
 
 def base_url(url):
@@ -133,7 +137,7 @@ def wait_healthy(url, proc, timeout_s, log_path):
     deadline = time.monotonic() + timeout_s
     with requests.Session() as session:
         while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
+            if proc.poll() is not None:
                 raise UserError(f"the model server exited with code {proc.returncode} before it was ready "
                                 f"(log {log_path}: {_log_tail(log_path)})")
             try:
@@ -179,9 +183,14 @@ def served_models(url, timeout=10):
     return models
 
 
+def served_ids(models):
+    """The model ids in a served_models() answer."""
+    return [m.get("id") for m in models.get("data", []) if isinstance(m, dict)]
+
+
 def check_model_served(models, model_name, url):
     """A wrong model name fails here, before any sample: one line naming what the server has."""
-    ids = [m.get("id") for m in models.get("data", []) if isinstance(m, dict)] if isinstance(models, dict) else []
+    ids = served_ids(models)
     if ids and model_name not in ids:
         raise UserError(f"model '{model_name}' is not served by {url} (it serves {ids}); "
                         "pass --model-name with one of those")
@@ -201,7 +210,7 @@ def managed_server(model_dir, engine="auto", startup_timeout=300, model_name=Non
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
-    with run_server(server_command(engine, model_dir, port, name, extra_args), url, startup_timeout, env) as (proc, log):
+    with run_server(server_command(engine, model_dir, port, name, extra_args), url, startup_timeout, env) as (proc, _):
         models = served_models(url)
         check_model_served(models, name, url)
-        yield Server(url=url, model_name=name, engine=engine, models=models, pid=proc.pid, log_path=log)
+        yield Server(url=url, model_name=name, engine=engine, models=models, pid=proc.pid)
