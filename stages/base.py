@@ -19,7 +19,8 @@ import random
 from .lib import params as P
 from .lib.cli import UserError, run_main
 from .lib.io import atomic_dir, atomic_write_json, read_split
-from .lib.modeling import SOURCE_FILE, char_error_rate, check_model_dir, load_model, load_processor, read_images
+from .lib.metrics import corpus_cer
+from .lib.modeling import SOURCE_FILE, check_model_dir, load_model, load_processor, read_images
 
 OUT_DIR = "models/base"
 METRICS = "metrics/base.json"
@@ -103,7 +104,7 @@ def main(argv=None):
                          seed=cfg["seed"])
         model, processor = load_model(tmp), load_processor(tmp)
         predictions = read_images(model, processor, [image for image, _ in held_out], cfg["instruction"])
-        stats["pretrain_held_out_cer"] = char_error_rate(predictions, [text for _, text in held_out])
+        stats["pretrain_held_out_cer"] = corpus_cer([text for _, text in held_out], predictions)
     stats.update(vocab_size=len(processor.tokenizer), parameters=sum(p.numel() for p in model.parameters()))
     atomic_write_json(args.metrics, stats)
     print(f"base: tiny Gemma 3 ({stats['parameters']:,} parameters) pre-trained {cfg['pretrain_steps']} steps "

@@ -33,6 +33,7 @@ from .lib import merging as M
 from .lib import params as P
 from .lib.cli import UserError, run_main
 from .lib.io import atomic_dir, atomic_write_json, read_split
+from .lib.modeling import free_memory, load_processor, resolve_base_dir
 
 SERIF = "NotoSerifCJK-Regular.ttc:Noto Serif CJK TC"
 
@@ -76,13 +77,11 @@ def parity_images(rows_path, n, val_ratio, seed):
     return [load_rgb(row["image_path"]) for row in rows[:n]]
 
 
-def load_processor(adapter_dir, base_dir):
+def find_processor(adapter_dir, base_dir):
     """Training saves the processor (tokenizer, image processor, chat template) beside the adapter."""
-    from transformers import AutoProcessor
-
     for folder in (adapter_dir, base_dir):
         try:
-            return AutoProcessor.from_pretrained(str(folder))
+            return load_processor(folder)
         except (OSError, ValueError, KeyError):
             continue
     raise UserError(f"{adapter_dir}: no processor files here nor in {base_dir} (tokenizer, image processor)")
@@ -95,7 +94,6 @@ def main(argv=None):
     val_ratio, seed = P.get(params, "val_ratio", float, minimum=0.0), P.get(params, "seed", int)
 
     # Pre-flight, before anything heavy: inputs, then disk space.
-    from .lib.modeling import resolve_base_dir
     from .lib.training import choose_backend
 
     base_dir = resolve_base_dir(args.base)
@@ -110,7 +108,7 @@ def main(argv=None):
     if note:
         print(f"merge: {note}")
     images = parity_images(args.rows, args.samples, val_ratio, seed)
-    processor = load_processor(args.adapter, base_dir)
+    processor = find_processor(args.adapter, base_dir)
 
     start = time.time()
     M.return_freed_memory()
@@ -121,23 +119,21 @@ def main(argv=None):
         # 2. Merge and save (one copy of the model in memory at a time).
         if backend == "unsloth":
             del peft_model
-            M.free_memory()
+            free_memory()
             M.merge_with_unsloth(base_dir, args.adapter, tmp, torch_dtype, processor)
         else:
             M.merge_with_peft(peft_model, tmp)
             del peft_model
-            M.free_memory()
+            free_memory()
         files = M.finish_folder(tmp, base_config, processor)
         saved_dtype = M.check_saved_dtype(tmp, dtype_name)
         # 3. Parity: the folder as a server will load it, processor included.
-        from transformers import AutoProcessor
-
         merged = M.load_base(tmp, torch_dtype)
-        runs = M.greedy_with_logits(merged, AutoProcessor.from_pretrained(str(tmp)), images, instruction,
+        runs = M.greedy_with_logits(merged, load_processor(tmp), images, instruction,
                                     args.max_new_tokens)
         architectures = merged.config.architectures
         del merged
-        M.free_memory()
+        free_memory()
         passed, mismatches, gap = M.judge(reference, runs, tolerance)
         metrics = {
             "passed": passed, "backend": backend, "dtype": dtype_name, "saved_dtype": saved_dtype,

@@ -142,7 +142,7 @@ def worker_seed(seed, index, existing):
 
 def join(args, params):
     """--worker: run trials of an existing study with the settings stored in it."""
-    url, _ = S.storage_url(args.base_output_dir, args.storage)
+    url = S.storage_url(args.base_output_dir, args.storage)
     study = S.load_worker_study(S.open_storage(url), args.study_name)
     settings = study.user_attrs[S.SETTINGS_ATTR]
     base_dir, train_rows, val_rows = load_data(args, settings["fixed"]["val_ratio"], settings["fixed"]["seed"])
@@ -165,11 +165,11 @@ def main(argv=None):
     out_dir = Path(args.base_output_dir)
     if args.n_trials > 0:
         base_dir, train_rows, val_rows = load_data(args, settings["fixed"]["val_ratio"], settings["fixed"]["seed"])
-    url, _ = S.storage_url(out_dir, args.storage)
+    url = S.storage_url(out_dir, args.storage)
     storage = S.open_storage(url)
     study = S.prepare_study(storage, args.study_name, settings, args.resume)
     existing = sum(t.state.name != "WAITING" for t in study.trials)   # enqueued trials run first
-    remaining = max(0, args.n_trials - existing) if args.n_trials > 0 else 0
+    remaining = max(0, args.n_trials - existing)
     grid = f", grid of {grid_size(settings['specs'], settings['grid_points'])}" if args.search_mode == "grid" else ""
     S.say(f"study '{args.study_name}' in {S.safe_url(url)}: {existing} trials so far, {remaining} to run "
           f"({args.search_mode}{grid}, objective {settings['objective']}, {workers} worker(s))")

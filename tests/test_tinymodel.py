@@ -3,13 +3,13 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from stages.lib.prompt import user_turn
+from stages.lib.prompt import DEFAULT_INSTRUCTION, generation_prompt
 from stages.lib.synthetic import charset
 from stages.lib.tinymodel import build_tiny_model
 
 
 def _inputs(processor, images):
-    text = processor.apply_chat_template([user_turn("請給我 OCR 結果")], add_generation_prompt=True, tokenize=False)
+    text = generation_prompt(processor, DEFAULT_INSTRUCTION)
     return processor(text=[text] * len(images), images=[[im] for im in images], return_tensors="pt",
                      add_special_tokens=False)
 

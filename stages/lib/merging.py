@@ -10,13 +10,16 @@ the rest is the adapter in float32, the largest layer's delta, activations). A f
 (the tiny one) is converted on load, briefly holding the float32 pages too: real checkpoints
 ship in bf16.
 """
-import gc
 import json
+import math
 import shutil
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 
 from .cli import UserError
+from .io import read_json
+from .modeling import free_memory
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 # Parity tolerance: max |merged - reference| over every logit of every step, divided by the
@@ -25,8 +28,6 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 # (measured on the tiny model: bf16 1.7e-2, fp16 3e-3, fp32 7e-7), far below what a LoRA
 # left unmerged changes (the adapter's own effect was ~1.0-1.6 on the same scale).
 TOLERANCE = {"bfloat16": 5e-2, "float16": 1e-2, "float32": 1e-4}
-ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-            "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def return_freed_memory():
@@ -79,10 +80,7 @@ def merged_size_bytes(base_dir, element_bytes):
     total = 0
     for path in Path(base_dir).glob("*.safetensors"):
         for _, shape in safetensors_header(path).values():
-            n = 1
-            for d in shape:
-                n *= d
-            total += n * element_bytes
+            total += math.prod(shape) * element_bytes
     return total
 
 
@@ -107,10 +105,7 @@ def read_adapter(adapter_dir):
     if not config_path.is_file() or not weights.is_file():
         raise UserError(f"{adapter_dir}: no LoRA adapter (adapter_config.json + adapter_model.safetensors; "
                         "run `dvc repro train` first)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{config_path}: not valid JSON") from None
+    config = read_json(config_path)
     if config.get("peft_type") != "LORA":
         raise UserError(f"{config_path}: peft_type is {config.get('peft_type')!r}, only LORA adapters can be merged")
     return config
@@ -165,9 +160,9 @@ def greedy_with_logits(model, processor, images, instruction, max_new_tokens):
     """Per image: (generated token ids, float32 logits of every step [steps, vocab]) on the CPU."""
     import torch
 
-    from .prompt import user_turn
+    from .prompt import generation_prompt
 
-    text = processor.apply_chat_template([user_turn(instruction)], add_generation_prompt=True, tokenize=False)
+    text = generation_prompt(processor, instruction)
     model.eval()
     runs = []
     for image in images:
@@ -201,23 +196,19 @@ def judge(reference, runs, tolerance):
     return mismatches == 0 and gap <= tolerance, mismatches, gap
 
 
+@contextmanager
 def vision_lora_off(peft_model):
     """Context: the vision tower's LoRA layers disabled (to measure what the parity check would see)."""
-    from contextlib import contextmanager
-
     from peft.tuners.lora import LoraLayer
 
-    @contextmanager
-    def ctx():
-        layers = [m for n, m in peft_model.named_modules() if ".vision_tower." in n and isinstance(m, LoraLayer)]
+    layers = [m for n, m in peft_model.named_modules() if ".vision_tower." in n and isinstance(m, LoraLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield len(layers)
+    finally:
         for layer in layers:
-            layer.enable_adapters(False)
-        try:
-            yield len(layers)
-        finally:
-            for layer in layers:
-                layer.enable_adapters(True)
-    return ctx()
+            layer.enable_adapters(True)
 
 
 # ---------------------------------------------------------------- merging
@@ -341,11 +332,3 @@ def finish_folder(out_dir, base_config, processor):
     generation.eos_token_id = eos
     generation.save_pretrained(str(out_dir))
     return sorted(p.name for p in out_dir.iterdir())
-
-
-def free_memory():
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -4,12 +4,7 @@ models/base/ holds either the tiny model itself (model_name "tiny": built by the
 or a source.json {"model_name": "/path/to/checkpoint"} pointing at a real local checkpoint.
 Nothing here downloads: a model_name that is not a local folder is refused.
 """
-import os
-
-# Must precede torch's first import: idle OpenMP threads otherwise spin, and on a busy 2-core
-# machine a training step then took 10x longer (1.4 s instead of 0.12 s, measured).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+import gc
 from pathlib import Path
 
 from .cli import UserError
@@ -72,9 +67,9 @@ def read_images(model, processor, images, instruction, *, batch_size=16, max_new
     import torch
     from tqdm import tqdm
 
-    from .prompt import user_turn
+    from .prompt import generation_prompt
 
-    text = processor.apply_chat_template([user_turn(instruction)], add_generation_prompt=True, tokenize=False)
+    text = generation_prompt(processor, instruction)
     was_training = model.training
     model.eval()
     out = []
@@ -91,14 +86,10 @@ def read_images(model, processor, images, instruction, *, batch_size=16, max_new
     return out
 
 
-def char_error_rate(predictions, references):
-    """Total edit distance / total reference length (the overall CER the evaluation reports)."""
-    def distance(a, b):
-        row = list(range(len(b) + 1))
-        for i, ca in enumerate(a, 1):
-            prev, row[0] = row[0], i
-            for j, cb in enumerate(b, 1):
-                prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-        return row[-1]
-    total = sum(len(r) for r in references)
-    return sum(distance(p, r) for p, r in zip(predictions, references)) / max(total, 1)
+def free_memory():
+    """Collect garbage and hand cached CUDA memory back (between trials, between merge steps)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

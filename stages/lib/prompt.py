@@ -16,6 +16,11 @@ def user_turn(instruction, image_url=None):
     return {"role": "user", "content": [image_part, {"type": "text", "text": instruction}]}
 
 
+def generation_prompt(processor, instruction):
+    """The chat-templated text a model reads before answering (in-process greedy decoding)."""
+    return processor.apply_chat_template([user_turn(instruction)], add_generation_prompt=True, tokenize=False)
+
+
 def training_example(image, text, instruction):
     """A conversational prompt/completion row for TRL: loss falls on the completion only."""
     return {

@@ -8,7 +8,6 @@ fixed training config, trial overrides) as study user attrs; every worker, local
 host, runs trials from those stored settings, so all trials of a study are comparable.
 """
 import csv
-import gc
 import math
 import os
 import shutil
@@ -49,14 +48,18 @@ def safe_url(url):
         return "<unparseable storage URL>"
 
 
+def default_storage(out_dir):
+    return f"sqlite:///{Path(out_dir) / 'study.db'}"
+
+
 def storage_url(out_dir, cli_storage=None):
-    """(url, where it came from). The environment variable wins; a flag may not hold a password."""
+    """The study's storage URL. The environment variable wins; a flag may not hold a password."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
     env = os.environ.get(STORAGE_ENV, "").strip()
     if env:
-        return env, STORAGE_ENV
+        return env
     if cli_storage:
         try:
             if make_url(cli_storage).password:
@@ -64,12 +67,12 @@ def storage_url(out_dir, cli_storage=None):
                                 "(flags end up in shell history and dvc.yaml)")
         except ArgumentError:
             raise UserError(f"--storage: {cli_storage!r} is not a database URL (e.g. sqlite:///path/study.db)") from None
-        return cli_storage, "--storage"
-    return f"sqlite:///{Path(out_dir) / 'study.db'}", "default"
+        return cli_storage
+    return default_storage(out_dir)
 
 
 def is_local_sqlite(url, out_dir):
-    return url == f"sqlite:///{Path(out_dir) / 'study.db'}"
+    return url == default_storage(out_dir)
 
 
 def open_storage(url):
@@ -149,28 +152,12 @@ def counts(study):
 
 # ---------------------------------------------------------------- one trial
 
-def free_memory():
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
-
-
 def report_callback(trial):
     """A TrainerCallback: report eval_loss at every evaluation (step = global step); prune; NaN fails."""
     import optuna
     from transformers import TrainerCallback
 
     class ReportToOptuna(TrainerCallback):
-        training = True   # the trainer's evaluate() after training (best checkpoint) is not a step
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.training = False
-
         def on_log(self, args, state, control, logs=None, **kwargs):
             loss = (logs or {}).get("loss")
             if loss is not None and not math.isfinite(loss):
@@ -178,7 +165,7 @@ def report_callback(trial):
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             value = (metrics or {}).get("eval_loss")
-            if value is None or not self.training:
+            if value is None:
                 return
             if not math.isfinite(value):
                 raise FloatingPointError(f"eval_loss is {value} at step {state.global_step}")
@@ -232,6 +219,8 @@ def make_objective(settings, base_dir, train_rows, val_rows, trials_dir, worker)
             raise
         finally:
             shutil.rmtree(trial_dir / "checkpoints", ignore_errors=True)
+            from .modeling import free_memory
+
             free_memory()
 
     return objective

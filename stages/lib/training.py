@@ -13,7 +13,7 @@ Contract (signatures are stable):
       every `eval_steps` optimizer steps, and saves the BEST adapter + processor files to
       output_dir. `callbacks` are transformers.TrainerCallback objects (the search reports
       eval_loss to Optuna from on_evaluate and may raise optuna.TrialPruned: exceptions
-      propagate). `live_dir`: dvclive folder for per-step train loss / per-eval eval_loss.
+      propagate; they are detached before the final evaluation of the best checkpoint). `live_dir`: dvclive folder for per-step train loss / per-eval eval_loss.
       `resume`: continue from the last checkpoint in checkpoint_dir (default
       output_dir + ".checkpoints"; git-ignored, deleted after a finished run). Returns the
       final metrics: train_loss, eval_loss (of the saved best adapter), best_eval_loss,
@@ -23,12 +23,6 @@ Contract (signatures are stable):
   choose_backend(config) -> "unsloth" | "transformers" (UserError for what cannot run here:
       unsloth without CUDA, load_in_4bit without CUDA).
 """
-import os
-
-# Must precede torch's first import: idle OpenMP threads otherwise spin, and on a busy 2-core
-# machine a training step then took 10x longer (1.4 s instead of 0.12 s, measured).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -271,7 +265,8 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
     from trl import SFTTrainer
 
     from .io import atomic_dir
-    from .modeling import char_error_rate, read_images
+    from .metrics import corpus_cer
+    from .modeling import read_images
 
     checkpoint_dir = Path(checkpoint_dir or f"{output_dir}.checkpoints")
     last = get_last_checkpoint(str(checkpoint_dir)) if resume and checkpoint_dir.is_dir() else None
@@ -307,7 +302,8 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
     start = time.time()
     result = trainer.train(resume_from_checkpoint=last)
     runtime = time.time() - start
-    for callback in live:  # the curves end at the last step; this extra evaluation is not a new point
+    # The evaluation below (the best checkpoint) is not a training step: no curve point, no report.
+    for callback in [*callbacks, *live]:
         trainer.remove_callback(callback)
     final_eval = trainer.evaluate()  # the best checkpoint, reloaded by load_best_model_at_end
     metrics = {
@@ -327,9 +323,9 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
         def amp():  # bf16 training can leave bf16 trainable weights: generate under autocast too
             return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bool(trainer.args.bf16))
         with amp():
-            metrics["val_cer"] = char_error_rate(read_images(model, processor, images, config["instruction"]), refs)
+            metrics["val_cer"] = corpus_cer(refs, read_images(model, processor, images, config["instruction"]))
         with amp(), model.disable_adapter():
-            metrics["val_cer_base"] = char_error_rate(read_images(model, processor, images, config["instruction"]), refs)
+            metrics["val_cer_base"] = corpus_cer(refs, read_images(model, processor, images, config["instruction"]))
     with atomic_dir(output_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
