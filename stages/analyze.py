@@ -41,12 +41,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .lib import metrics as M
 from .lib import params as P
 from .lib import report, study as S
 from .lib.cli import UserError, run_main
 from .lib.figures import new_figure, save_figure
 from .lib.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
-from .score import LENGTH_BUCKETS
 
 PLOT_DIR = "plots/analysis"
 REPORT_DIR = "reports"
@@ -72,7 +72,7 @@ def analyze_study(storage, names, out_dir, top_n, html_path):
     with S.readonly_storage(storage) as url:
         studies = S.load_studies(url, names, shown=storage)
         main = studies[0]
-        notes = list(S.plot_importances(studies, out_dir / "search_importance.png"))
+        notes = S.plot_importances(studies, out_dir / "search_importance.png")
         for note in (S.plot_history(studies, out_dir / "search_history.png"),
                      S.plot_parallel(main, out_dir / "search_parallel_coordinate.png"),
                      S.plot_pruning_curves(main, out_dir / "search_pruning_curves.png")):
@@ -100,10 +100,8 @@ def load_results(paths):
 def length_bucket(length):
     """(sort key, label) of the score stage's label-length buckets, so that the report's table
     and plots/score/cer_by_length agree."""
-    for low, high in LENGTH_BUCKETS:
-        if length >= low and (high is None or length <= high):
-            return low, f"{low}+" if high is None else str(low) if low == high else f"{low}-{high}"
-    raise ValueError(length)  # LENGTH_BUCKETS covers 0 and up
+    low, high = M.length_bucket(length)
+    return low, f"{low}+" if high is None else str(low) if low == high else f"{low}-{high}"
 
 
 def plot_top_edits(analysis, path, k=15):
@@ -153,7 +151,7 @@ def plot_loss_curves(train_tsv, eval_tsv, path, best_step=None):
     fig, ax = new_figure(9, 4.5)
     drawn = False
     for label, tsv, style in (("train loss", train_tsv, "-"), ("eval loss", eval_tsv, "o-")):
-        if tsv and Path(tsv).is_file():
+        if tsv:
             steps, values = read_tsv_series(tsv)
             if steps:
                 ax.plot(steps, values, style, label=label, ms=4)
@@ -212,8 +210,9 @@ def summary_markdown(score, best, counts, train):
     lines += ["", "CER: summed edit distance / summed reference length on normalized text (may exceed 1); "
               "F1: mean per-sample bag-of-characters F1; intervals: seeded bootstrap.", ""]
     lines += search_summary(best, counts)
-    if train_line(train):
-        lines += ["", train_line(train)]
+    train_text = train_line(train)
+    if train_text:
+        lines += ["", train_text]
     lines += ["", "Figures: `plots/analysis/*.png`, `plots/score/*.png`; the worst samples with their images: "
               "`reports/errors.html`; the best trials: `reports/top_trials.md`."]
     return "\n".join(lines) + "\n"

@@ -8,7 +8,8 @@ adapts the base to a new domain, as with a real pretrained checkpoint.
 Pre-training text: synthetic.random_line (receipt-like lines, other random draws than the
 dataset's). Measured (1,000 steps, 2 busy cores): CER 0.018 on held-out sans lines, 0.24 on the
 serif dataset: the domain shift that fine-tuning removes. Random-character lines
-(synthetic.scrambled_line, half the mix) learned slower: CER 0.32 sans / 0.55 serif.
+(uniform draws from the alphabet, half the mix; that generator is gone) learned slower: CER 0.32
+sans / 0.55 serif.
 
 model_name = a local checkpoint folder (e.g. a downloaded gemma-3-4b-it): checked to be a
 model folder and recorded in models/base/source.json; nothing is built or downloaded.

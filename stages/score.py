@@ -36,8 +36,6 @@ RUNS = ("finetuned", "base", "tesseract")  # the first is the main one; the othe
 METRICS = "metrics/score.json"
 PLOT_DIR = "plots/score"
 CER_BINS = [i / 10 for i in range(11)]  # [0, 0.1), ..., [0.9, 1.0), then [1.0, inf)
-LENGTH_BUCKETS = [(0, 0), (1, 5), (6, 10), (11, 20), (21, 40), (41, 80), (81, 160), (161, 320),
-                  (321, 640), (641, 1280), (1281, 2560), (2561, None)]
 
 
 # ---------------------------------------------------------------- reading
@@ -169,11 +167,9 @@ def cer_by_length(scores):
     """{bucket label: (corpus CER, samples)} by normalized label length, non-empty buckets only."""
     sums = {}
     for distance, ref_len in zip(scores["distance"].tolist(), scores["ref_len"].tolist()):
-        for lo, hi in LENGTH_BUCKETS:
-            if ref_len >= lo and (hi is None or ref_len <= hi):
-                d, r, n = sums.get((lo, hi), (0, 0, 0))
-                sums[(lo, hi)] = (d + distance, r + ref_len, n + 1)
-                break
+        bucket = M.length_bucket(ref_len)
+        d, r, n = sums.get(bucket, (0, 0, 0))
+        sums[bucket] = (d + distance, r + ref_len, n + 1)
     return {bucket_label(lo, hi): (M.cer_value(d, r), n) for (lo, hi), (d, r, n) in sorted(sums.items())}
 
 

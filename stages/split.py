@@ -5,7 +5,6 @@ Seeded and byte-for-byte reproducible. `test_ratio` is a float (default 5/6, the
 all pages of one document (one folder) land on the same side.
 """
 import argparse
-import json
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -142,8 +141,8 @@ def main(argv=None):
                         f"{n_groups} group(s) with group_by={args.group_by}); check split.test_ratio and split.group_by")
 
     out = Path(args.output_dir)
-    atomic_write_text(out / "ocr_non_test.json", json.dumps(non_test, ensure_ascii=False, indent=1) + "\n")
-    atomic_write_text(out / "ocr_test.json", json.dumps(test, ensure_ascii=False, indent=1) + "\n")
+    atomic_write_json(out / "ocr_non_test.json", non_test, indent=1)
+    atomic_write_json(out / "ocr_test.json", test, indent=1)
     metrics = {"non_test": stats(non_test), "test": stats(test), "dropped_empty": dropped,
                "test_fraction": round(len(test) / len(rows), 4)}
     atomic_write_json(args.metrics, metrics)

@@ -5,14 +5,13 @@ format) and the PNGs under data/raw_data/images/doc_NNN/. Same params + same fon
 byte-identical files. Replace it with your own data: see the README.
 """
 import argparse
-import json
 import random
 
 from tqdm import tqdm
 
 from .lib import params as P
 from .lib.cli import run_main
-from .lib.io import atomic_dir
+from .lib.io import atomic_dir, atomic_write_json
 from .lib.synthetic import random_line, render_line
 
 OUT_DIR = "data/raw_data"
@@ -42,7 +41,7 @@ def main(argv=None):
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             image.save(tmp / rel, format="PNG")
             rows.append({"img_path": f"{args.output_dir}/{rel}", "ocr_results": text})
-        (tmp / "ocr.json").write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        atomic_write_json(tmp / "ocr.json", rows, indent=1)
     print(f"synth: wrote {len(rows)} lines to {args.output_dir}/ocr.json")
 
 

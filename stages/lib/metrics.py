@@ -200,6 +200,13 @@ def cer_value(distance, ref_len):
     return 0.0 if distance == 0 else 1.0
 
 
+def cer_values(distance, ref_len):
+    """cer_value of parallel numpy arrays of counts, element by element."""
+    import numpy as np
+
+    return np.where(ref_len > 0, distance / np.maximum(ref_len, 1), np.where(distance == 0, 0.0, 1.0))
+
+
 def f1_value(common, ref_len, pred_len):
     """F1 from counts: 2*common/(ref_len+pred_len); 1 when both are empty, 0 when nothing matches."""
     if ref_len == 0 and pred_len == 0:
@@ -228,6 +235,22 @@ def corpus_cer(references, predictions):
     return cer_value(distance, sum(map(len, references)))
 
 
+# ---------------------------------------------------------------- label-length buckets
+
+# (low, high) ranges of normalized label length, both ends included; high None: no upper end.
+# The score stage's plots/score/cer_by_length and the analyze stage's report group by these.
+LENGTH_BUCKETS = [(0, 0), (1, 5), (6, 10), (11, 20), (21, 40), (41, 80), (81, 160), (161, 320),
+                  (321, 640), (641, 1280), (1281, 2560), (2561, None)]
+
+
+def length_bucket(length):
+    """The (low, high) of LENGTH_BUCKETS that holds `length`."""
+    for low, high in LENGTH_BUCKETS:
+        if length >= low and (high is None or length <= high):
+            return low, high
+    raise ValueError(f"no length bucket holds {length!r}")  # LENGTH_BUCKETS covers 0 and up
+
+
 # ---------------------------------------------------------------- many samples
 
 def score_pairs(refs, preds):
@@ -253,7 +276,7 @@ def score_pairs(refs, preds):
         "ref_len": ref_len,
         "pred_len": pred_len,
         "common": common,
-        "cer": np.where(ref_len > 0, distance / np.maximum(ref_len, 1), np.where(distance == 0, 0.0, 1.0)),
+        "cer": cer_values(distance, ref_len),
         "f1": np.where(longest > 0, 2 * common / np.maximum(ref_len + pred_len, 1), 1.0),
         "ned": np.where(longest > 0, distance / np.maximum(longest, 1), 0.0),
         "exact": distance == 0,
@@ -297,7 +320,7 @@ def bootstrap_intervals(scores, resamples, seed, level=0.95):
     pairs, sizes = np.unique(scores["distance"] * width + scores["ref_len"], return_counts=True)
     counts = _resample_counts(rng, n, sizes, resamples)
     sum_d, sum_ref = counts @ (pairs // width), counts @ (pairs % width)
-    cers = np.where(sum_ref > 0, sum_d / np.maximum(sum_ref, 1), np.where(sum_d == 0, 0.0, 1.0))
+    cers = cer_values(sum_d, sum_ref)
 
     # overall_f1 of a resample = mean F1: draw how often each distinct F1 value is picked.
     values, sizes = np.unique(scores["f1"], return_counts=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 from rapidfuzz.distance import Levenshtein
 
 from .cli import UserError
-from .metrics import normalize
+from .metrics import cer_value, normalize_many
 
 
 def check_result(result, path):
@@ -24,7 +24,7 @@ def check_result(result, path):
     for i, sample in enumerate(result["samples"]):
         if not isinstance(sample, dict):
             raise UserError(f"{path}: sample {i}: expected an object")
-        if "error" in sample and sample["error"]:
+        if sample.get("error"):
             continue
         for field in ("label", "prediction"):
             if not isinstance(sample.get(field), str):
@@ -36,16 +36,19 @@ def check_result(result, path):
 
 def scored_samples(result):
     """(scored, failed): scored rows carry index, normalized ref/pred and the distance."""
-    scored, failed = [], []
+    kept, failed = [], []
     for i, sample in enumerate(result["samples"]):
         if sample.get("error"):
             failed.append({"index": i, "image_path": sample.get("image_path", ""), "error": str(sample["error"])})
-            continue
-        ref, pred = normalize(sample["label"]), normalize(sample["prediction"])
-        scored.append({"index": i, "image_path": sample.get("image_path", ""), "label": sample["label"],
-                       "prediction": sample["prediction"], "ref": ref, "pred": pred,
-                       "distance": Levenshtein.distance(ref, pred), "cer": float(sample["cer_score"]),
-                       "f1": sample.get("f1_score")})
+        else:
+            kept.append((i, sample))
+    refs = normalize_many([sample["label"] for _, sample in kept])
+    preds = normalize_many([sample["prediction"] for _, sample in kept])
+    scored = [{"index": i, "image_path": sample.get("image_path", ""), "label": sample["label"],
+               "prediction": sample["prediction"], "ref": ref, "pred": pred,
+               "distance": Levenshtein.distance(ref, pred), "cer": float(sample["cer_score"]),
+               "f1": sample.get("f1_score")}
+              for (i, sample), ref, pred in zip(kept, refs, preds)]
     return scored, failed
 
 
@@ -79,8 +82,8 @@ def cer_by_length(scored, bucket_of):
     out = []
     for key in sorted(buckets):
         b = buckets[key]
-        corpus = b["distance"] / b["characters"] if b["characters"] else (0.0 if b["distance"] == 0 else 1.0)
-        out.append({"bucket": b["bucket"], "low": key, "samples": b["samples"], "cer": corpus,
+        out.append({"bucket": b["bucket"], "low": key, "samples": b["samples"],
+                    "cer": cer_value(b["distance"], b["characters"]),
                     "mean_cer": b["cer_sum"] / b["samples"]})
     return out
 

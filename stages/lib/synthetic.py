@@ -6,7 +6,6 @@ Layout: one character per cell of a GRID x GRID grid, in reading order. That is 
 ~1 M-parameter model learn to read in minutes on 2 CPU cores (one image token per character);
 it is a convenience of synthetic data, not a claim that the tiny model reads proportional text.
 """
-import random
 from functools import lru_cache
 from pathlib import Path
 
@@ -88,11 +87,6 @@ def charset():
         chars.update("".join(words))
     chars.update(CJK_PUNCT + FULL_WIDTH_DIGITS + "年月日民國段號樓份元發票碼統一編電話收銀機折扣營業人大日期")
     return sorted(chars)
-
-
-def scrambled_line(rng, alphabet):
-    """A line of random characters: pre-training text with no template prior to lean on."""
-    return "".join(rng.choice(alphabet) for _ in range(rng.randint(1, MAX_CHARS)))
 
 
 @lru_cache(maxsize=None)
