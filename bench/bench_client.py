@@ -4,7 +4,7 @@
 
 The stub (a ThreadingHTTPServer in its own process, so its CPU is not billed to the client)
 answers every chat completion after exactly --delay-ms. The client is the stage's own
-(stages/lib/client.py ChatClient + run_samples: base64 + JSON per request, one session per
+(stages/lib/evaluation/client.py ChatClient + run_samples: base64 + JSON per request, one session per
 thread, scoring, progress bar, atomic saves every 50 samples) on a rendered 128x128 PNG.
 Prints, best of --repeats:
   rate with 1 worker and with --workers, and their ratio (target >= 7x for 8 workers);
@@ -22,7 +22,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from stages.lib.client import ChatClient, run_samples
+from stages.lib.evaluation.client import ChatClient, run_samples
 from stages.lib.prompt import DEFAULT_INSTRUCTION
 from stages.lib.synthetic import random_line, render_line
 

@@ -43,7 +43,8 @@ from pathlib import Path
 
 from .lib import metrics as M
 from .lib import params as P
-from .lib import report, study as S
+from .lib import report
+from .lib.search import analysis as S
 from .lib.cli import UserError, run_main
 from .lib.figures import new_figure, save_figure
 from .lib.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
@@ -53,7 +54,7 @@ REPORT_DIR = "reports"
 ADHOC_DIR = "studies"  # --study-name runs: not inside a DVC output, so they never dirty the pipeline
 SUMMARY = "metrics/summary.md"
 STORAGE = "sqlite:///models/search/study.db"
-STORAGE_ENV = "OCR_SEARCH_STORAGE"  # the search stage's variable (stages/lib/search_study.py)
+STORAGE_ENV = "OCR_SEARCH_STORAGE"  # the search stage's variable (stages/lib/search/study.py)
 BEST_PARAMS = "models/search/best_params.json"
 SCORE = "metrics/score.json"
 TRAIN_METRICS = "metrics/train.json"

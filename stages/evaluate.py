@@ -8,7 +8,7 @@
 
 By default the stage serves --model-dir itself (a folder, or models/base's source.json target)
 on 127.0.0.1 and a free port: `vllm serve` when vLLM and a GPU are present, else
-`transformers serve`; it stops the server whatever happens (stages/lib/serving.py). With
+`transformers serve`; it stops the server whatever happens (stages/lib/evaluation/serving.py). With
 --vllm-url it talks to a running server instead, records that server's /v1/models answer
 and warns that DVC cannot track what it serves.
 
@@ -29,9 +29,7 @@ Scores are raw (no normalization): the normalize-score stage scores comparably.
 import argparse
 import hashlib
 import json
-import os
 import signal
-import subprocess
 import sys
 from collections import Counter
 from contextlib import contextmanager
@@ -42,12 +40,13 @@ from PIL import Image
 
 from .lib import params as P
 from .lib.cli import UserError, run_main
-from .lib.client import ChatClient, SampleError, load_previous, run_samples
+from .lib.evaluation.engines import ENGINES as OCR_ENGINES
+from .lib.evaluation.client import ChatClient, SampleError, load_previous, run_samples
 from .lib.io import atomic_write_json, read_split
 from .lib.prompt import user_turn
-from .lib.serving import Server, base_url, check_model_served, managed_server, served_ids, served_models
+from .lib.evaluation.serving import Server, base_url, check_model_served, managed_server, served_ids, served_models
 
-ENGINES = ("auto", "transformers", "vllm", "tesseract")
+ENGINES = ("auto", "transformers", "vllm", *OCR_ENGINES)
 
 
 def top_k_arg(text):
@@ -85,9 +84,8 @@ def parse_args(argv):
     parser.add_argument("--startup-timeout", type=float, default=get("startup_timeout", float, minimum=1))
     parser.add_argument("--instruction", default=P.get(params, "instruction", str))
     args = parser.parse_args(argv)
-    if args.engine == "tesseract":   # each engine reads only its own keys (dvc.yaml lists them)
-        args.tesseract_lang = get("tesseract_lang", str)
-        args.tesseract_psm = get("tesseract_psm", int, minimum=0, maximum=13)
+    if args.engine in OCR_ENGINES:   # each engine reads only its own keys (dvc.yaml lists them)
+        args.engine_settings = OCR_ENGINES[args.engine].settings(params)
     else:
         args.stop = get("stop", list)
         if not all(isinstance(s, str) and s for s in args.stop):
@@ -155,37 +153,6 @@ def fingerprint(identity, generation=None):
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
-# ---- Tesseract: a classical OCR baseline through the same runner and output format ----
-
-def tesseract_version(lang):
-    try:
-        version = subprocess.run(["tesseract", "--version"], capture_output=True, text=True, timeout=30)
-        langs = subprocess.run(["tesseract", "--list-langs"], capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        raise UserError("tesseract is not installed (`make setup` installs tesseract-ocr and tesseract-ocr-chi-tra)") from None
-    missing = [code for code in lang.split("+") if code not in langs.stdout.split()]
-    if missing:
-        raise UserError(f"tesseract has no language data for {missing} (apt-get install tesseract-ocr-chi-tra)")
-    return (version.stdout or version.stderr).splitlines()[0].strip()
-
-
-def tesseract_predict(lang, psm, timeout):
-    env = dict(os.environ, OMP_THREAD_LIMIT="1")  # parallelism comes from our workers, not OpenMP
-
-    def predict(sample):
-        cmd = ["tesseract", sample["image_path"], "stdout", "-l", lang, "--psm", str(psm)]
-        try:
-            done = subprocess.run(cmd, capture_output=True, timeout=timeout, env=env)
-        except subprocess.TimeoutExpired:
-            raise SampleError(f"tesseract timed out after {timeout:g} s") from None
-        if done.returncode != 0:
-            tail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["?"]
-            raise SampleError(f"tesseract exit {done.returncode}: {tail[0]}")
-        return {"prediction": done.stdout.decode("utf-8", "replace").strip(), "completion_tokens": None}
-
-    return predict
-
-
 # ---- the stage ----
 
 @contextmanager
@@ -248,12 +215,12 @@ def main(argv=None):
     samples = read_samples(args.data_file, args.top_k)
     # SIGTERM (dvc, CI, kill) unwinds like Ctrl-C: progress saved, server stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    if args.engine == "tesseract":
-        version = tesseract_version(args.tesseract_lang)
-        identity = {"tesseract": version, "lang": args.tesseract_lang, "psm": args.tesseract_psm}
-        info = {"engine": "tesseract", "version": version, "lang": args.tesseract_lang, "psm": args.tesseract_psm}
-        predict = tesseract_predict(args.tesseract_lang, args.tesseract_psm, args.timeout)
-        evaluate(args, samples, predict, identity, f"tesseract {args.tesseract_lang}", info)
+    if args.engine in OCR_ENGINES:
+        engine = OCR_ENGINES[args.engine]
+        info = engine.identity(args.engine_settings)
+        predict = engine.predictor(args.engine_settings, args.timeout)
+        name = " ".join(str(v) for k, v in info.items() if k not in ("version",))
+        evaluate(args, samples, predict, info, name, info)
         return
     folder = None if args.url else model_folder(args.model_dir)
     with model_server(args, folder) as server:

@@ -24,7 +24,7 @@ covers and params.yaml for the rest. Without --resume a study that already has t
 The study outlives code and param changes (DVC re-runs the stage, which then only re-writes the
 outputs): to start afresh, change `search.study_name` or delete models/search/study.db. Trials
 queued with optuna's `study.enqueue_trial(...)` run first. `search.timeout`: no new trial starts
-after it. Space syntax, grid rule, the original JSON config: stages/lib/search_space.py.
+after it. Space syntax, grid rule, the original JSON config: stages/lib/search/space.py.
 
 Usage (the original's flags work; defaults come from params.yaml):
     dvc repro search                                    # = python -m stages.search --resume
@@ -52,10 +52,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .lib import params as P
-from .lib import search_study as S
+from .lib.search import study as S
 from .lib.cli import UserError, run_main
 from .lib.io import read_split
-from .lib.search_space import MODES, PRUNERS, corners, grid_size, parse_space, read_config
+from .lib.search.space import MODES, PRUNERS, corners, grid_size, parse_space, read_config
 
 OUT_DIR = "models/search"
 INPUT = "data/input/ocr_non_test.json"

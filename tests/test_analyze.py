@@ -350,7 +350,7 @@ def test_dvc_stage_and_plots(project, tmp_path):
 def test_study_without_parameters_says_so(tmp_path):
     import optuna
 
-    from stages.lib import study as S
+    from stages.lib.search import analysis as S
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(study_name="fixed")

@@ -11,9 +11,9 @@ import requests
 
 from openai_stub import MODEL, Stub, answers_for
 from stages.lib.cli import UserError
-from stages.lib.client import ChatClient, SampleError, load_previous, run_samples
+from stages.lib.evaluation.client import ChatClient, SampleError, load_previous, run_samples
 from stages.lib.prompt import DEFAULT_INSTRUCTION, chat_messages
-from stages.lib.serving import check_model_served, managed_server, run_server
+from stages.lib.evaluation.serving import check_model_served, managed_server, run_server
 
 INSTRUCTION = DEFAULT_INSTRUCTION
 
@@ -150,7 +150,7 @@ def test_server_dies_with_a_sigkilled_parent(tmp_path):
     parent = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(os.getcwd())!r})
-        from stages.lib.serving import free_port, run_server
+        from stages.lib.evaluation.serving import free_port, run_server
         port = free_port()
         cmd = [sys.executable, "-c", {serve!r}.replace("PORT", str(port))]
         with run_server(cmd, f"http://127.0.0.1:{{port}}", 30) as (proc, log):
@@ -207,7 +207,7 @@ def test_real_transformers_serve(tiny_base_dir, tiny_rows, tmp_path):
 
 
 def test_urls_engines_and_commands():
-    from stages.lib.serving import base_url, pick_engine, server_command
+    from stages.lib.evaluation.serving import base_url, pick_engine, server_command
 
     assert base_url("http://h:8000/v1/chat/completions") == "http://h:8000"   # the original's flag value
     assert base_url("http://h:8000/v1/") == base_url("http://h:8000") == "http://h:8000"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.lib import search_space as SP
+from stages.lib.search import space as SP
 from stages.lib.cli import UserError, run_main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,9 +19,9 @@ from contextlib import redirect_stderr, redirect_stdout
 from datetime import timezone
 from pathlib import Path
 
-from .cli import UserError
-from .io import atomic_write_json, atomic_write_text
-from .search_space import make_pruner, make_sampler, suggest
+from ..cli import UserError
+from ..io import atomic_write_json, atomic_write_text
+from .space import make_pruner, make_sampler, suggest
 
 STORAGE_ENV = "OCR_SEARCH_STORAGE"
 SETTINGS_ATTR = "ocr_search"          # the study user attr holding the settings
@@ -178,14 +178,14 @@ def report_callback(trial):
 
 def trial_config(settings, values):
     """fixed config <- report_to none <- trial overrides <- searched values, validated."""
-    from .training import training_config
+    from ..training import training_config
 
     merged = {**settings["fixed"], "report_to": "none", **settings["trial_overrides"], **values}
     return training_config(merged)
 
 
 def make_objective(settings, base_dir, train_rows, val_rows, trials_dir, worker):
-    from .training import choose_backend, import_unsloth_first, run_training
+    from ..training import choose_backend, import_unsloth_first, run_training
 
     import_unsloth_first(choose_backend(settings["fixed"]))  # before report_callback imports transformers
 
@@ -219,7 +219,7 @@ def make_objective(settings, base_dir, train_rows, val_rows, trials_dir, worker)
             raise
         finally:
             shutil.rmtree(trial_dir / "checkpoints", ignore_errors=True)
-            from .modeling import free_memory
+            from ..modeling import free_memory
 
             free_memory()
 
@@ -367,7 +367,7 @@ def last_finished(study):
 
 def write_outputs(study, settings, out_dir, *, skipped):
     """best_params.json, best_config.json (the complete training config) and trials.csv."""
-    from .training import training_config
+    from ..training import training_config
 
     out_dir = Path(out_dir)
     names = list(settings["specs"])

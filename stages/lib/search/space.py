@@ -18,8 +18,8 @@ become val_ratio.
 import math
 import re
 
-from .cli import UserError
-from .io import read_json
+from ..cli import UserError
+from ..io import read_json
 
 TYPES = ("loguniform", "uniform", "int", "categorical")
 MODES = ("bayesian", "random", "grid")

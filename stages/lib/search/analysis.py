@@ -13,9 +13,9 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from .cli import UserError
-from .figures import new_figure, placeholder_figure, pyplot, save_figure
-from .io import atomic_write_text
+from ..cli import UserError
+from ..figures import new_figure, placeholder_figure, pyplot, save_figure
+from ..io import atomic_write_text
 
 MIN_TRIALS_FOR_IMPORTANCE = 2
 STATE_COLORS = {"COMPLETE": "tab:blue", "PRUNED": "tab:orange", "FAIL": "tab:red", "RUNNING": "tab:gray",

@@ -21,9 +21,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import requests
 from tqdm import tqdm
 
-from . import metrics
-from .io import atomic_write_json
-from .prompt import chat_messages
+from .. import metrics
+from ..io import atomic_write_json
+from ..prompt import chat_messages
 
 
 class SampleError(Exception):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import requests
 
-from .cli import UserError
+from ..cli import UserError
 
 ENGINES = ("auto", "transformers", "vllm")
 PR_SET_PDEATHSIG = 1

@@ -1,0 +1,1 @@
+"""Evaluation: the OpenAI-compatible client, the managed model server, and the OCR engines."""

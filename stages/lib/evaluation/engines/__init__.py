@@ -1,0 +1,15 @@
+"""OCR engines that are not served models, one module each, with the same small interface:
+
+    settings(params) -> dict       its own keys of params.yaml (`evaluate.<key>`), validated
+    identity(settings) -> dict     version and settings: recorded in the output and its resume
+                                   fingerprint (UserError when the engine is not installed)
+    predictor(settings, timeout) -> predict(sample) -> {"prediction": str, "completion_tokens": None}
+                                   sample = {"image_path", "label", ...}; raise SampleError on failure.
+                                   Images are read with stages/lib/images.load_image, like training.
+    PARAMS                         the params.yaml keys settings() reads (dvc.yaml lists them)
+
+ENGINES maps an engine's name to its module.
+"""
+from . import tesseract
+
+ENGINES = {"tesseract": tesseract}

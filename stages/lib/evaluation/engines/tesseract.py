@@ -1,0 +1,52 @@
+"""Tesseract 5: a classical OCR baseline through the same runner and output format as the models.
+
+It is given the loader's pixels (stages/lib/images.py) as a PNG on stdin, not the raw file, so it
+sees what training and the served models see (EXIF orientation, transparency on white, ...)."""
+import os
+import subprocess
+
+from ... import params as P
+from ...cli import UserError
+from ...images import ImageError, load_image, png_bytes
+from ..client import SampleError
+
+PARAMS = ("evaluate.tesseract_lang", "evaluate.tesseract_psm")
+
+
+def settings(params):
+    return {"lang": P.get(params, "evaluate.tesseract_lang", str),
+            "psm": P.get(params, "evaluate.tesseract_psm", int, minimum=0, maximum=13)}
+
+
+def identity(settings):
+    try:
+        version = subprocess.run(["tesseract", "--version"], capture_output=True, text=True, timeout=30)
+        langs = subprocess.run(["tesseract", "--list-langs"], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise UserError("tesseract is not installed (`make setup` installs tesseract-ocr and tesseract-ocr-chi-tra)") from None
+    missing = [code for code in settings["lang"].split("+") if code not in langs.stdout.split()]
+    if missing:
+        raise UserError(f"tesseract has no language data for {missing} (apt-get install tesseract-ocr-chi-tra)")
+    return {"engine": "tesseract", "version": (version.stdout or version.stderr).splitlines()[0].strip(),
+            "lang": settings["lang"], "psm": settings["psm"]}
+
+
+def predictor(settings, timeout):
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")  # parallelism comes from our workers, not OpenMP
+    cmd = ["tesseract", "stdin", "stdout", "-l", settings["lang"], "--psm", str(settings["psm"])]
+
+    def predict(sample):
+        try:
+            image = png_bytes(load_image(sample["image_path"]))
+        except ImageError as err:
+            raise SampleError(f"image unreadable: {err}") from None
+        try:
+            done = subprocess.run(cmd, input=image, capture_output=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise SampleError(f"tesseract timed out after {timeout:g} s") from None
+        if done.returncode != 0:
+            tail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["?"]
+            raise SampleError(f"tesseract exit {done.returncode}: {tail[0]}")
+        return {"prediction": done.stdout.decode("utf-8", "replace").strip(), "completion_tokens": None}
+
+    return predict
