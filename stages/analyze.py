@@ -48,6 +48,7 @@ from .lib.search import analysis as S
 from .lib.cli import UserError, run_main
 from .lib.figures import new_figure, save_figure
 from .lib.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
+from .lib.runs import load_runs, scored_path
 
 PLOT_DIR = "plots/analysis"
 REPORT_DIR = "reports"
@@ -59,8 +60,7 @@ BEST_PARAMS = "models/search/best_params.json"
 SCORE = "metrics/score.json"
 TRAIN_METRICS = "metrics/train.json"
 TRAIN_PLOTS = "plots/train"
-RESULTS = {"fine-tuned": "results/finetuned_norm.json", "base": "results/base_norm.json",
-           "tesseract": "results/tesseract_norm.json"}
+PARAMS = ["analyze", "search.study_name", "runs"]
 
 
 # ---------------------------------------------------------------- search
@@ -88,14 +88,10 @@ def analyze_study(storage, names, out_dir, top_n, html_path):
 
 # ---------------------------------------------------------------- errors
 
-def load_results(paths):
-    """{display name: scored result} for the files that exist; the fine-tuned one must."""
-    results = {}
-    for name, path in paths.items():
-        if name != "fine-tuned" and not Path(path).is_file():
-            continue
-        results[name] = report.check_result(read_json(path), path)
-    return results
+def load_results(runs):
+    """{run title: scored result} of every run (scored/NAME.json), the main run first."""
+    return {run["title"]: report.check_result(read_json(scored_path(run["name"])), scored_path(run["name"]))
+            for run in runs}
 
 
 def length_bucket(length):
@@ -194,20 +190,23 @@ def _number(value):
     return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
 
 
-def summary_markdown(score, best, counts, train):
-    """metrics/summary.md: the results table and the search's best values."""
-    rows = [("base (no fine-tuning)", score.get("baselines", {}).get("base")), ("fine-tuned", score),
-            ("Tesseract", score.get("baselines", {}).get("tesseract"))]
-    lines = ["| model | CER [95% CI] | F1 [95% CI] | exact match | empty predictions | scored samples |",
-             "|---|---|---|---|---|---|"]
+def summary_markdown(score, best, counts, train, runs):
+    """metrics/summary.md: the results table (one row per run of the runs table) and the search's best values."""
+    main, *others = runs
+    rows = [(main["title"], score)] + [(run["title"], score.get("baselines", {}).get(run["name"])) for run in others]
+    lines = ["| model | CER [95% CI] | F1 [95% CI] | exact match | empty predictions | truncated predictions "
+             "| scored samples |", "|---|---|---|---|---|---|---|"]
     for name, block in rows:
-        if isinstance(block, dict):
-            scored = block.get("scored_samples", block.get("total_samples", "n/a"))
-            if block.get("failed_samples"):
-                scored = f"{scored} ({block['failed_samples']} failed, not scored)"
-            cells = [name, _figure(block, "overall_cer"), _figure(block, "overall_f1"),
-                     _number(block.get("exact_match")), block.get("empty_predictions", "n/a"), scored]
-            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        if not isinstance(block, dict):
+            lines.append(f"| {name} | not scored (no figures in metrics/score.json) | | | | | |")
+            continue
+        scored = block.get("scored_samples", block.get("total_samples", "n/a"))
+        if block.get("failed_samples"):
+            scored = f"{scored} ({block['failed_samples']} failed, not scored)"
+        cells = [name, _figure(block, "overall_cer"), _figure(block, "overall_f1"),
+                 _number(block.get("exact_match")), block.get("empty_predictions", "n/a"),
+                 block.get("truncated_predictions", "n/a"), scored]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "CER: summed edit distance / summed reference length on normalized text (may exceed 1); "
               "F1: mean per-sample bag-of-characters F1; intervals: seeded bootstrap.", ""]
     lines += search_summary(best, counts)
@@ -296,6 +295,7 @@ def run_study_only(args):
 
 def read_stage_inputs(params):
     """Everything the stage reads, checked before anything is written."""
+    runs = load_runs(params)
     best = read_json(BEST_PARAMS)
     if not isinstance(best, dict):
         raise UserError(f"{BEST_PARAMS}: expected an object")
@@ -304,7 +304,7 @@ def read_stage_inputs(params):
         raise UserError(f"{SCORE}: expected an object")
     train = read_json(TRAIN_METRICS) if Path(TRAIN_METRICS).is_file() else {}
     return {"study_name": P.get(params, "search.study_name", str), "best": best, "score": score,
-            "train": train if isinstance(train, dict) else {}, "results": load_results(RESULTS)}
+            "train": train if isinstance(train, dict) else {}, "runs": runs, "results": load_results(runs)}
 
 
 def run_stage(args, params):
@@ -322,15 +322,16 @@ def run_stage(args, params):
         else:
             table, notes, counts = analyze_study(STORAGE, [inputs["study_name"]], plot_dir, args.top_n,
                                                  report_dir / "search.html")
-        plot_top_edits(analyses["fine-tuned"], plot_dir / "errors_top_edits.png", k=args.top_k_errors)
+        main = inputs["runs"][0]["title"]
+        plot_top_edits(analyses[main], plot_dir / "errors_top_edits.png", k=args.top_k_errors)
         plot_loss_curves(*find_loss_files(TRAIN_PLOTS), plot_dir / "train_loss.png", inputs["train"].get("best_step"))
         atomic_write_text(report_dir / "errors.html", report.errors_html(analyses, args.worst_n))
         atomic_write_json(report_dir / "errors.json", report.analysis_json(analyses))
         atomic_write_text(report_dir / "top_trials.md", table)
-    atomic_write_text(SUMMARY, summary_markdown(inputs["score"], best, counts, inputs["train"]))
+    atomic_write_text(SUMMARY, summary_markdown(inputs["score"], best, counts, inputs["train"], inputs["runs"]))
     for note in notes:
         print(f"analyze: note: {note}")
-    ft = analyses["fine-tuned"]
+    ft = analyses[inputs["runs"][0]["title"]]
     print(f"analyze: {ft['scored_samples']} samples, {ft['empty_predictions']['count']} empty predictions -> "
           f"{PLOT_DIR}/, {REPORT_DIR}/errors.html, {SUMMARY}")
 
@@ -346,7 +347,7 @@ def find_loss_files(train_dir):
 
 
 def main(argv=None):
-    params = P.load_params()
+    params = P.load_params(PARAMS)
     args = parse_args(argv, params)
     if args.study_name:
         run_study_only(args)

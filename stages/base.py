@@ -26,6 +26,7 @@ from .lib.modeling import SOURCE_FILE, check_model_dir, load_model, load_process
 OUT_DIR = "models/base"
 METRICS = "metrics/base.json"
 NON_TEST = "data/input/ocr_non_test.json"
+PARAMS = ["model_name", "instruction", "base"]
 
 
 def read_params(params):
@@ -78,7 +79,7 @@ def main(argv=None):
     parser.add_argument("--output", default=OUT_DIR)
     parser.add_argument("--metrics", default=METRICS)
     args = parser.parse_args(argv)
-    cfg = read_params(P.load_params())
+    cfg = read_params(P.load_params(PARAMS))
 
     if cfg["model_name"] != "tiny":
         path = check_model_dir(cfg["model_name"])

@@ -36,12 +36,11 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from PIL import Image
-
 from .lib import params as P
 from .lib.cli import UserError, run_main
-from .lib.evaluation.engines import ENGINES as OCR_ENGINES
+from .lib.evaluation.engines import ENGINES as OCR_ENGINES, load_engine
 from .lib.evaluation.client import ChatClient, SampleError, load_previous, run_samples
+from .lib.images import ImageError, content_hash, page_count, split_ref
 from .lib.io import atomic_write_json, read_split
 from .lib.prompt import user_turn
 from .lib.evaluation.serving import Server, base_url, check_model_served, managed_server, served_ids, served_models
@@ -62,13 +61,36 @@ def top_k_arg(text):
     return value
 
 
+# What each kind of run reads from params.yaml (its dvc.yaml `params:`; tests/test_dvc_yaml.py checks).
+COMMON_KEYS = ("workers", "save_interval", "timeout", "top_k", "max_failure_rate")
+MODEL_KEYS = ("engine", "url", "max_retries", "max_tokens", "stop", "retry_backoff", "startup_timeout", "server_args")
+MODEL_PARAMS = ["instruction", *(f"evaluate.{k}" for k in COMMON_KEYS + MODEL_KEYS)]
+ENGINE_PARAMS = [f"evaluate.{k}" for k in COMMON_KEYS]
+
+
+def engine_of(argv):
+    """The --engine of a command line (None: a served model, settings from params.yaml)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--engine")
+    return pre.parse_known_args(argv)[0].engine
+
+
+def declared_params(argv):
+    """The params.yaml keys this command reads: a model's, or an OCR engine's own."""
+    engine = engine_of(argv)
+    return ENGINE_PARAMS + list(load_engine(engine).PARAMS) if engine in OCR_ENGINES else MODEL_PARAMS
+
+
 def parse_args(argv):
-    params = P.load_params()
+    params = P.load_params(declared_params(argv))
+    is_engine = engine_of(argv) in OCR_ENGINES
     get = lambda key, kind, **kw: P.get(params, f"evaluate.{key}", kind, **kw)  # noqa: E731
+    def model(read):   # an engine reads no model keys
+        return None if is_engine else read()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default="models/merged", help="model folder to serve (or models/base)")
-    parser.add_argument("--engine", choices=ENGINES, default=get("engine", str, choices=ENGINES))
-    parser.add_argument("--vllm-url", "--url", dest="url", default=get("url", str, allow_none=True),
+    parser.add_argument("--engine", choices=ENGINES, default=model(lambda: get("engine", str, choices=ENGINES)))
+    parser.add_argument("--vllm-url", "--url", dest="url", default=model(lambda: get("url", str, allow_none=True)),
                         help="a running OpenAI-compatible server instead of serving --model-dir")
     parser.add_argument("--model-name", default=None, help="the `model` field (default: the served folder)")
     parser.add_argument("--data-file", default="data/input/ocr_test.json")
@@ -77,16 +99,18 @@ def parse_args(argv):
     parser.add_argument("--workers", type=int, default=get("workers", int, minimum=1))
     parser.add_argument("--save-interval", type=int, default=get("save_interval", int, minimum=1))
     parser.add_argument("--timeout", type=float, default=get("timeout", float, minimum=0.001))
-    parser.add_argument("--max-retries", type=int, default=get("max_retries", int, minimum=0))
-    parser.add_argument("--max-tokens", type=int, default=get("max_tokens", int, minimum=1))
     parser.add_argument("--max-failure-rate", type=float,
                         default=get("max_failure_rate", float, minimum=0.0, maximum=1.0))
-    parser.add_argument("--startup-timeout", type=float, default=get("startup_timeout", float, minimum=1))
-    parser.add_argument("--instruction", default=P.get(params, "instruction", str))
+    parser.add_argument("--max-retries", type=int, default=model(lambda: get("max_retries", int, minimum=0)))
+    parser.add_argument("--max-tokens", type=max_tokens_arg, default=model(lambda: get("max_tokens", None)),
+                        help="'auto' (from the longest label of the split) or a number")
+    parser.add_argument("--startup-timeout", type=float, default=model(lambda: get("startup_timeout", float, minimum=1)))
+    parser.add_argument("--instruction", default=model(lambda: P.get(params, "instruction", str)))
     args = parser.parse_args(argv)
-    if args.engine in OCR_ENGINES:   # each engine reads only its own keys (dvc.yaml lists them)
-        args.engine_settings = OCR_ENGINES[args.engine].settings(params)
+    if is_engine:
+        args.engine_settings = load_engine(args.engine).settings(params)
     else:
+        args.max_tokens = max_tokens_arg(args.max_tokens, "params.yaml: 'evaluate.max_tokens'")
         args.stop = get("stop", list)
         if not all(isinstance(s, str) and s for s in args.stop):
             raise UserError(f"params.yaml: 'evaluate.stop' must be a list of non-empty strings, got {args.stop!r}")
@@ -94,34 +118,48 @@ def parse_args(argv):
         args.server_args = get("server_args", list)
         if not all(isinstance(a, str) for a in args.server_args):
             raise UserError(f"params.yaml: 'evaluate.server_args' must be a list of strings, got {args.server_args!r}")
+        if args.max_retries < 0:
+            raise UserError(f"--max-retries must be >= 0, got {args.max_retries}")
     for name in ("workers", "save_interval"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_retries < 0 or args.timeout <= 0 or args.max_tokens < 1:
-        raise UserError("--max-retries must be >= 0, --timeout > 0 and --max-tokens >= 1")
+    if args.timeout <= 0:
+        raise UserError(f"--timeout must be > 0, got {args.timeout}")
     if not 0 <= args.max_failure_rate <= 1:
         raise UserError(f"--max-failure-rate must be between 0 and 1, got {args.max_failure_rate}")
     return args
 
 
+def max_tokens_arg(value, where="--max-tokens"):
+    """'auto' or a positive number of tokens."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where} must be 'auto' or a number of tokens >= 1, got {value!r}") from None
+    if number < 1 or isinstance(value, bool):
+        raise UserError(f"{where} must be 'auto' or a number of tokens >= 1, got {value!r}")
+    return number
+
+
 def read_samples(path, top_k):
-    """The split's rows (first top_k) as [{"image_path", "label"}], every image checked readable."""
+    """The split's rows (first top_k) as [{"image_path", "image_sha256", "label"}], every image checked."""
     rows = read_split(path)
     if top_k is not None:
         rows = rows[:top_k]
     if not rows:
         raise UserError(f"{path}: no samples to evaluate")
-    for i, row in enumerate(rows):
-        image_path = row["image_path"]
+    for i, row in enumerate(rows):   # a cheap header check (the split stage decoded every image)
+        image_file = split_ref(row["image_path"])[0]
+        if not image_file.is_file():
+            raise UserError(f"{path}: row {i}: image '{image_file}' does not exist")
         try:
-            with Image.open(image_path) as image:
-                image.verify()
-        except FileNotFoundError:
-            raise UserError(f"{path}: row {i}: image '{image_path}' does not exist") from None
-        except Exception as err:  # PIL raises many types for a bad file
-            raise UserError(f"{path}: row {i}: image '{image_path}' is not a readable image "
-                            f"({type(err).__name__})") from None
-    return [{"image_path": r["image_path"], "label": r["ocr_text"]} for r in rows]
+            page_count(image_file)
+        except ImageError as err:
+            raise UserError(f"{path}: row {i}: image {err}") from None
+    return [{"image_path": r["image_path"], "image_sha256": r.get("image_sha256") or content_hash(r["image_path"]),
+             "label": r["ocr_text"]} for r in rows]
 
 
 def model_folder(path):
@@ -176,9 +214,11 @@ def model_server(args, folder):
         yield server
 
 
-def evaluate(args, samples, predict, identity, model_name, server_info, generation=None, stopping=None):
+def evaluate(args, samples, predict, identity, model_name, server_info, generation=None, stopping=None,
+             server=None):
     """Run (resuming), write the final document, fail when too many samples failed. `generation`:
-    the model's request settings (None for Tesseract)."""
+    the model's request settings (None for an engine); `server`: a managed Server (its log is kept
+    and named when samples failed)."""
     fp = fingerprint(identity, generation)
     previous = load_previous(args.output_file, fp)
     if previous is None:
@@ -200,14 +240,46 @@ def evaluate(args, samples, predict, identity, model_name, server_info, generati
            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "model_name": model_name, "status": status, **summary, **header, "samples": records}
     atomic_write_json(args.output_file, doc)
-    figures = ", ".join(f"{k} {doc[k]:.4f}" for k in ("overall_cer", "overall_f1") if doc[k] is not None)
-    print(f"evaluate: {len(records)} samples ({failed} failed), {figures}, {doc['samples_per_s']} samples/s "
-          f"-> {args.output_file}")
+    truncated = sum(r.get("finish_reason") == "length" for r in records)
+    print(f"evaluate: {len(records)} samples ({failed} failed, {truncated} truncated), {figure_text(doc)}, "
+          f"{doc['samples_per_s']} samples/s -> {args.output_file}")
+    log = ""
+    if failed and server is not None and server.log_path:
+        server.keep_log()
+        log = f"; the server's log: {server.log_path}"
+        print(f"evaluate: {failed} samples failed{log}", file=sys.stderr)
+    if truncated:
+        print(f"warning: {truncated} of {len(records)} predictions were cut by max_tokens {generation['max_tokens']} "
+              "(finish_reason 'length'): raise evaluate.max_tokens or set it to 'auto'", file=sys.stderr)
     if status == "failed":
         common, count = Counter(r["error"] for r in records if "error" in r).most_common(1)[0]
         raise UserError(f"{failed} of {len(records)} samples failed (more than evaluate.max_failure_rate "
                         f"{args.max_failure_rate:g}); most common ({count}x): {common[:200]} "
-                        "(re-run to retry only the failed samples)")
+                        f"(re-run to retry only the failed samples){log}")
+
+
+def figure_text(doc):
+    """'overall_cer 0.1234, overall_f1 0.8765', or why there is no figure (every sample failed)."""
+    if doc["overall_cer"] is None:
+        return "no figures (no sample succeeded)"
+    return f"overall_cer {doc['overall_cer']:.4f}, overall_f1 {doc['overall_f1']:.4f}"
+
+
+def auto_max_tokens(folder, samples, instruction):
+    """evaluate.max_tokens 'auto': the longest tokenized label of the data, with a margin, capped by the
+    model's context (stages/lib/modeling.generation_budget, the rule training's validation uses)."""
+    if folder is None:
+        raise UserError("evaluate.max_tokens 'auto' needs the model folder's tokenizer: with --vllm-url pass "
+                        "--max-tokens N")
+    from transformers import AutoTokenizer
+
+    from .lib.modeling import generation_budget
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    budget, info = generation_budget(tokenizer, [s["label"] for s in samples], folder, instruction)
+    print(f"evaluate: max_tokens auto = {budget} (longest label {info['longest_label_tokens']} tokens; "
+          f"model context {info['context']})", file=sys.stderr)
+    return budget
 
 
 def main(argv=None):
@@ -216,13 +288,15 @@ def main(argv=None):
     # SIGTERM (dvc, CI, kill) unwinds like Ctrl-C: progress saved, server stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.engine in OCR_ENGINES:
-        engine = OCR_ENGINES[args.engine]
+        engine = load_engine(args.engine)
         info = engine.identity(args.engine_settings)
         predict = engine.predictor(args.engine_settings, args.timeout)
         name = " ".join(str(v) for k, v in info.items() if k not in ("version",))
         evaluate(args, samples, predict, info, name, info)
         return
     folder = None if args.url else model_folder(args.model_dir)
+    if args.max_tokens == "auto":
+        args.max_tokens = auto_max_tokens(folder, samples, args.instruction)
     with model_server(args, folder) as server:
         client = ChatClient(server.url, server.model_name, args.instruction, max_tokens=args.max_tokens,
                             stop=args.stop if server.accepts_stop else [], timeout=args.timeout, max_retries=args.max_retries,
@@ -237,7 +311,7 @@ def main(argv=None):
                 "models": server.models}
         try:
             evaluate(args, samples, client.predict, identity, server.model_name, info, client.generation,
-                     client.stopping.set)
+                     client.stopping.set, server=server if server.engine != "external" else None)
         finally:
             client.close()
 

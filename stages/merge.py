@@ -36,6 +36,7 @@ from .lib.io import atomic_dir, atomic_write_json, read_split
 from .lib.modeling import free_memory, load_processor, resolve_base_dir
 
 SERIF = "NotoSerifCJK-Regular.ttc:Noto Serif CJK TC"
+PARAMS = ["instruction", "backend", "val_ratio", "seed"]
 
 
 def parse_args(argv):
@@ -63,7 +64,8 @@ def parse_args(argv):
 def parity_images(rows_path, n, val_ratio, seed):
     """The first n validation images (training's own split), or n rendered lines without a split file."""
     from .lib.synthetic import random_line, render_line
-    from .lib.training import load_rgb, split_train_val
+    from .lib.images import load_image
+    from .lib.training import split_train_val
 
     if not Path(rows_path).is_file():
         print(f"note: {rows_path} not found: the parity check uses {n} rendered lines")
@@ -74,7 +76,7 @@ def parity_images(rows_path, n, val_ratio, seed):
     for row in rows[:n]:
         if not Path(row["image_path"]).is_file():
             raise UserError(f"{rows_path}: image '{row['image_path']}' does not exist")
-    return [load_rgb(row["image_path"]) for row in rows[:n]]
+    return [load_image(row["image_path"]) for row in rows[:n]]
 
 
 def find_processor(adapter_dir, base_dir):
@@ -89,7 +91,7 @@ def find_processor(adapter_dir, base_dir):
 
 def main(argv=None):
     args = parse_args(argv)
-    params = P.load_params()
+    params = P.load_params(PARAMS)
     instruction, backend = P.get(params, "instruction", str), P.get(params, "backend", str)
     val_ratio, seed = P.get(params, "val_ratio", float, minimum=0.0), P.get(params, "seed", int)
 

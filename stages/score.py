@@ -2,8 +2,9 @@
 
 One file (the original's count_score):
     python -m stages.score --input results/x.json --output results/x_norm.json
-The DVC stage (no --input): results/{finetuned,base,tesseract}.json -> results/*_norm.json,
-metrics/score.json (fine-tuned figures at the top level, the others under `baselines.NAME`),
+The DVC stage (no --input): results/NAME.json of every run of params.yaml `runs` (stages/lib/runs.py)
+-> scored/NAME.json, metrics/score.json (the main run's figures at the top level, the others under
+`baselines.NAME`; `truncated_predictions` counts finish_reason "length", with a warning),
 plots/score/cer_histogram.{csv,png} and plots/score/cer_by_length.{csv,png}.
 
 Input: an evaluation output {"overall_cer", "overall_f1", "total_samples", "timestamp", "model_name",
@@ -22,6 +23,7 @@ import itertools
 import json
 import mmap
 import os
+import sys
 from pathlib import Path
 
 import orjson
@@ -29,12 +31,12 @@ import orjson
 from .lib import metrics as M
 from .lib import params as P
 from .lib.cli import UserError, run_main
-from .lib.io import atomic_write_bytes, atomic_write_text
+from .lib.io import atomic_dir, atomic_write_bytes, atomic_write_text
+from .lib.runs import RAW_DIR, SCORED_DIR, load_runs, raw_path, scored_path
 
-RESULTS_DIR = "results"
-RUNS = ("finetuned", "base", "tesseract")  # the first is the main one; the others are baselines
 METRICS = "metrics/score.json"
 PLOT_DIR = "plots/score"
+PARAMS = ["score", "runs"]
 CER_BINS = [i / 10 for i in range(11)]  # [0, 0.1), ..., [0.9, 1.0), then [1.0, inf)
 
 
@@ -114,7 +116,8 @@ def score_document(doc, path, bootstrap_samples, seed):
         raise UserError(f"{path}: no sample to score ({len(samples)} samples, all failed or none)")
     scores = M.score_pairs(M.normalize_many(labels), M.normalize_many(predictions))
     summary = {"total_samples": len(samples), "scored_samples": len(labels),
-               "failed_samples": len(failed), **M.summarize(scores, bootstrap_samples, seed)}
+               "failed_samples": len(failed), "truncated_predictions": truncated_count(scored),
+               **M.summarize(scores, bootstrap_samples, seed)}
 
     # Scored samples first, then failed ones: the order of the keys within each sample is what
     # counts (raw_* are added first), and it is the same either way.
@@ -131,6 +134,12 @@ def score_document(doc, path, bootstrap_samples, seed):
                       "bootstrap_samples": bootstrap_samples, "bootstrap_seed": seed}
     out["samples"] = samples
     return out, summary, scores
+
+
+def truncated_count(samples):
+    """Predictions cut by the token limit (finish_reason "length"): scored, but not the model's whole
+    answer; the stage warns when there are any (raise evaluate.max_tokens, or leave it 'auto')."""
+    return sum(1 for s in samples if s.get("finish_reason") == "length")
 
 
 def write_json(path, obj):
@@ -230,17 +239,21 @@ def score_one(args):
     print(f"score: {describe(output, summary)}")
 
 
-def score_stage(args):
+def score_stage(args, runs):
     """All runs are read and scored before anything is written (bad input leaves no output)."""
-    results = Path(args.results_dir)
     scored = {}
-    for run in RUNS:
-        path = results / f"{run}.json"
+    for run in runs:
+        path = raw_path(run, args.results_dir)
         scored[run] = score_document(load_evaluation(path), path, args.bootstrap_samples, args.seed)
-    for run, (out, summary, _) in scored.items():
-        write_json(results / f"{run}_norm.json", out)
-        print(f"score: {describe(results / f'{run}_norm.json', summary)}")
-    main_run, *baselines = RUNS
+    with atomic_dir(args.scored_dir) as tmp:
+        for run, (out, summary, _) in scored.items():
+            write_json(Path(tmp) / f"{run}.json", out)
+            print(f"score: {describe(scored_path(run, args.scored_dir), summary)}")
+            if summary["truncated_predictions"]:
+                print(f"warning: {run}: {summary['truncated_predictions']} of {summary['scored_samples']} predictions "
+                      "were cut by the token limit (finish_reason 'length'): raise evaluate.max_tokens or set it to "
+                      "'auto'", file=sys.stderr)
+    main_run, *baselines = runs
     metrics = metrics_block(scored[main_run][1])
     metrics["baselines"] = {run: metrics_block(scored[run][1]) for run in baselines}
     write_json(args.metrics, metrics)
@@ -252,7 +265,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", help="score this one evaluation output (default: the DVC stage's three)")
     parser.add_argument("--output", help="with --input: where to write (default INPUT_norm.json beside it)")
-    parser.add_argument("--results-dir", default=RESULTS_DIR, help="stage mode: where NAME.json are read")
+    parser.add_argument("--results-dir", default=RAW_DIR, help="stage mode: where NAME.json are read")
+    parser.add_argument("--scored-dir", default=SCORED_DIR, help="stage mode: where scored NAME.json are written")
     parser.add_argument("--metrics", default=METRICS, help="stage mode: the DVC metrics file")
     parser.add_argument("--plots-dir", default=PLOT_DIR, help="stage mode: the plot data folder")
     parser.add_argument("--bootstrap-samples", type=int, help="resamples for the 95%% intervals, 0 for none "
@@ -260,9 +274,12 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, help="bootstrap seed (default params.yaml score.seed)")
     args = parser.parse_args(argv)
     if args.output and not args.input:
-        raise UserError("--output needs --input (the stage mode writes results/*_norm.json)")
-    if args.bootstrap_samples is None or args.seed is None:  # params.yaml only when a flag is missing
-        params = P.load_params()
+        raise UserError("--output needs --input (the stage mode writes scored/NAME.json)")
+    args.runs = None
+    if not args.input or args.bootstrap_samples is None or args.seed is None:  # params.yaml only when needed
+        params = P.load_params(PARAMS)
+        if not args.input:
+            args.runs = [run["name"] for run in load_runs(params)]   # the first is the main run
         if args.bootstrap_samples is None:
             args.bootstrap_samples = P.get(params, "score.bootstrap_samples", int, minimum=0)
         if args.seed is None:
@@ -280,7 +297,7 @@ def main(argv=None):
         if args.input:
             score_one(args)
         else:
-            score_stage(args)
+            score_stage(args, args.runs)
 
 
 @contextlib.contextmanager

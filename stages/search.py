@@ -18,9 +18,15 @@ out of memory) is recorded FAIL with its error and the study goes on. The object
 eval_loss of the trial (or `val_cer`: greedy CER of its best adapter on the validation rows).
 
 `search.n_trials` is the study's TOTAL: re-running with a higher number continues the same study
-(trial numbers go on); `n_trials: 0` skips the search (best_params.json says "skipped": true and
-train uses params.yaml alone). The train stage takes the best value of every key the search space
-covers and params.yaml for the rest. Without --resume a study that already has trials is refused.
+(trial numbers go on); `n_trials: 0` skips the search (best_params.json says "skipped": true;
+every output is still written, trials/ empty). Without --resume a study that already has trials
+is refused.
+
+From search to training, one step: the train stage reads params.yaml only (what `dvc exp show`
+lists is what trained). To train with the study's best values, write them into params.yaml:
+    python -m stages.search --apply-best      # lora_r, learning_rate, ... <- best_params.json
+    git diff params.yaml && dvc repro         # `dvc params diff` shows them; train re-runs
+It rewrites only the keys the search covered and keeps params.yaml's comments.
 The study outlives code and param changes (DVC re-runs the stage, which then only re-writes the
 outputs): to start afresh, change `search.study_name` or delete models/search/study.db. Trials
 queued with optuna's `study.enqueue_trial(...)` run first. `search.timeout`: no new trial starts
@@ -44,6 +50,7 @@ external storage the coordinator copies the study into models/search/study.db at
 still running elsewhere show up in the outputs at the coordinator's next run.
 """
 import argparse
+import io
 import os
 import socket
 import time
@@ -56,9 +63,12 @@ from .lib.search import study as S
 from .lib.cli import UserError, run_main
 from .lib.io import read_split
 from .lib.search.space import MODES, PRUNERS, corners, grid_size, parse_space, read_config
+from .lib.training import TRAINING_KEYS
 
 OUT_DIR = "models/search"
 INPUT = "data/input/ocr_non_test.json"
+BEST_PARAMS = f"{OUT_DIR}/best_params.json"
+PARAMS = ["search", *TRAINING_KEYS]   # the fixed training config of every trial, and the search's own
 
 
 def parse_args(argv, params):
@@ -77,6 +87,8 @@ def parse_args(argv, params):
     p.add_argument("--base-output-dir", default=OUT_DIR, help="study.db, best_*.json, trials.csv and trials/")
     p.add_argument("--worker", action="store_true", help="join an existing study and run --n-trials trials")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--apply-best", action="store_true",
+                   help=f"write the best values of {BEST_PARAMS} into params.yaml (then dvc repro trains with them)")
     args = p.parse_args(argv)
     if args.n_trials is None:
         args.n_trials = P.get(params, "search.n_trials", int, minimum=0)
@@ -89,7 +101,7 @@ def parse_args(argv, params):
 
 def read_settings(params, args):
     """The study's settings from params.yaml's `search:` (+ --config), validated before heavy work."""
-    from .lib.training import TRAINING_KEYS, training_config
+    from .lib.training import training_config
 
     g = lambda key, kind, **kw: P.get(params, f"search.{key}", kind, **kw)  # noqa: E731
     if args.config:
@@ -153,9 +165,39 @@ def join(args, params):
                  trials_dir=Path(args.base_output_dir) / "trials", worker=name)
 
 
+def apply_best(best_path=BEST_PARAMS, params_path=P.PARAMS_FILE):
+    """Write the study's best values into params.yaml (comments and order kept); print what changed."""
+    from ruamel.yaml import YAML
+
+    from .lib.io import atomic_write_text, read_json
+    from .lib.training import training_config
+
+    best = read_json(best_path)
+    if not isinstance(best, dict) or not isinstance(best.get("params"), dict):
+        raise UserError(f"{best_path}: expected the search's best_params.json (run `dvc repro search`)")
+    if best.get("skipped") or not best["params"]:
+        raise UserError(f"{best_path}: the search was skipped (search.n_trials 0): no values to apply")
+    yaml = YAML()   # round-trip: the file keeps its comments, order and quoting
+    yaml.preserve_quotes = True
+    with open(params_path, encoding="utf-8") as f:
+        doc = yaml.load(f)
+    training_config({**doc, **best["params"]})   # the result must be a valid config before anything is written
+    changes = [(k, doc.get(k), v) for k, v in best["params"].items() if doc.get(k) != v]
+    for key, _, value in changes:
+        doc[key] = value
+    buffer = io.StringIO()
+    yaml.dump(doc, buffer)
+    atomic_write_text(params_path, buffer.getvalue())
+    what = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes) or "no change: params.yaml has them"
+    S.say(f"best trial {best['trial']} of study '{best['study_name']}' ({best['objective']} {best['value']:.4f}): "
+          f"{what} in {params_path}; `dvc repro` trains with them")
+
+
 def main(argv=None):
-    params = P.load_params()
+    params = P.load_params(PARAMS)
     args = parse_args(argv, params)
+    if args.apply_best:
+        return apply_best(Path(args.base_output_dir) / "best_params.json")
     if args.worker:
         return join(args, params)
     started = time.monotonic()
@@ -167,6 +209,7 @@ def main(argv=None):
         base_dir, train_rows, val_rows = load_data(args, settings["fixed"]["val_ratio"], settings["fixed"]["seed"])
     url = S.storage_url(out_dir, args.storage)
     storage = S.open_storage(url)
+    (out_dir / "trials").mkdir(parents=True, exist_ok=True)   # a DVC out: it must exist even when no trial runs
     study = S.prepare_study(storage, args.study_name, settings, args.resume)
     existing = sum(t.state.name != "WAITING" for t in study.trials)   # enqueued trials run first
     remaining = max(0, args.n_trials - existing)
@@ -189,8 +232,9 @@ def main(argv=None):
         S.snapshot_to_sqlite(args.study_name, storage, out_dir / "study.db")
     info = S.write_outputs(study, settings, out_dir, skipped=args.n_trials == 0)
     t = info["trials"]
-    best = "search skipped (n_trials 0): train uses params.yaml" if info["skipped"] else \
-        f"best trial {info['trial']}: {info['objective']} {info['value']:.4f} {info['params']}"
+    best = "search skipped (n_trials 0)" if info["skipped"] else \
+        (f"best trial {info['trial']}: {info['objective']} {info['value']:.4f} {info['params']} "
+         "(train uses params.yaml; `python -m stages.search --apply-best` writes these there)")
     S.say(f"{t['complete']} complete, {t['pruned']} pruned, {t['failed']} failed; {best} "
           f"[{time.monotonic() - started:.0f}s] -> {out_dir}/best_params.json")
 

@@ -2,30 +2,45 @@
 
 Seeded and byte-for-byte reproducible. `test_ratio` is a float (default 5/6, the original's
 1:5 non_test:test) rounded to the nearest row count, never truncated. With group_by=parent,
-all pages of one document (one folder) land on the same side.
+all pages of one document (one folder) land on the same side; the pages of one PDF or one
+multi-page TIFF always do.
+
+Raw rows ([{"img_path", "ocr_results"}], paths relative to the project root or absolute):
+  {"img_path": "scans/a.png", "ocr_results": "text"}          one image (PNG, JPEG, TIFF, BMP, ...)
+  {"img_path": "scans/doc.pdf#page=2", "ocr_results": "..."}   one page of a PDF or multi-page TIFF (1-based)
+  {"img_path": "scans/doc.pdf", "ocr_results": ["p1", "p2"]}   a whole PDF / multi-page TIFF: one text per page
+A file of several pages given with a single text is refused (name the page, or give a list).
+PDF pages are rendered with pypdfium2 at `split.pdf_dpi` into data/input/pages/ (part of this
+stage's output, so the rendering is versioned with the data); their rows name the PNG and keep
+the original as `source`. Every image is decoded with the one loader (stages/lib/images.py) here:
+a missing, unreadable or non-image file stops the split with one line naming the row, so no
+later stage ever meets it. Each output row carries `image_sha256`, the hash of the image's
+bytes: changing an image's pixels changes the split, and the evaluation re-predicts exactly
+that sample (its resume key includes the hash).
 """
 import argparse
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from PIL import Image
-
 from .lib import params as P
 from .lib.cli import UserError, run_main
-from .lib.io import atomic_write_json, atomic_write_text, read_json
+from .lib.images import ImageError, content_hash, load_image, page_count, page_ref, split_ref
+from .lib.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
 
 OUT_DIR = "data/input"
+PAGES_DIR = "pages"   # rendered PDF pages, inside OUT_DIR
 METRICS = "metrics/split.json"
 PLOT_DIR = "plots/split"
+PARAMS = ["split"]
 
 
-def read_raw(path, empty_text):
-    """Validate the raw rows; return [{"image_path", "ocr_text"}] and the number of dropped empties."""
+def read_raw(path, empty_text, pdf_dpi=200, pages_dir=None, pages_name=None):
+    """Validate the raw rows; return ([{"image_path", "ocr_text", "image_sha256", ("source")}], counts)."""
     rows = read_json(path)
     if not isinstance(rows, list):
         raise UserError(f"{path}: expected a JSON list of {{img_path, ocr_results}} rows, got {type(rows).__name__}")
-    out, seen, dropped = [], {}, 0
+    out, seen, counts = [], {}, {"dropped_empty": 0, "pdf_pages": 0}
     for i, row in enumerate(rows):
         where = f"{path}: row {i}"
         if not isinstance(row, dict):
@@ -33,42 +48,114 @@ def read_raw(path, empty_text):
         for field in ("img_path", "ocr_results"):
             if field not in row:
                 raise UserError(f"{where}: missing field '{field}'")
-            if not isinstance(row[field], str):
-                raise UserError(f"{where}: field '{field}' must be a string, got {type(row[field]).__name__}")
-        image_path, text = row["img_path"], row["ocr_results"]
-        if image_path in seen:
-            raise UserError(f"{where}: duplicate img_path '{image_path}' (first in row {seen[image_path]})")
-        seen[image_path] = i
-        check_image(image_path, where)
-        if not text.strip():
-            if empty_text == "error":
-                raise UserError(f"{where}: empty ocr_results (set split.empty_text to 'drop' or 'keep')")
-            if empty_text == "drop":
-                dropped += 1
-                continue
-        out.append({"image_path": image_path, "ocr_text": text})
-    return out, dropped
+        if not isinstance(row["img_path"], str):
+            raise UserError(f"{where}: field 'img_path' must be a string, got {type(row['img_path']).__name__}")
+        texts = row["ocr_results"]
+        if not (isinstance(texts, str) or (isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts))):
+            raise UserError(f"{where}: field 'ocr_results' must be a string (or, for a whole PDF/TIFF, a list of "
+                            f"page texts), got {type(texts).__name__}")
+        for ref, text in expand_pages(row["img_path"], texts, where):
+            if ref in seen:
+                raise UserError(f"{where}: duplicate img_path '{ref}' (first in row {seen[ref]})")
+            seen[ref] = i
+            if not text.strip():
+                if empty_text == "error":
+                    raise UserError(f"{where}: empty ocr_results for '{ref}' (set split.empty_text to 'drop' or 'keep')")
+                if empty_text == "drop":
+                    counts["dropped_empty"] += 1
+                    continue
+            if is_pdf(ref):
+                rendered = render_pdf_page(ref, pdf_dpi, pages_dir, where)
+                counts["pdf_pages"] += 1
+                out.append({"image_path": str(Path(pages_name) / rendered.name), "ocr_text": text, "source": ref,
+                            "image_sha256": content_hash(rendered)})
+            else:
+                check_image(ref, where)
+                out.append({"image_path": ref, "ocr_text": text, "image_sha256": content_hash(ref)})
+    return out, counts
 
 
-def check_image(image_path, where):
-    if not Path(image_path).is_file():
-        raise UserError(f"{where}: image '{image_path}' does not exist (paths are relative to the project root)")
+def is_pdf(ref):
+    return split_ref(ref)[0].suffix.lower() == ".pdf"
+
+
+def expand_pages(img_path, texts, where):
+    """[(image reference, text)]: one row, or one per page of a whole PDF / multi-page TIFF."""
     try:
-        with Image.open(image_path) as image:
-            image.verify()
-    except Exception as err:  # PIL raises many types for a bad file
-        raise UserError(f"{where}: image '{image_path}' is not a readable image ({type(err).__name__})") from None
+        path, page = split_ref(img_path)
+    except ImageError as err:
+        raise UserError(f"{where}: {err}") from None
+    if not path.is_file():
+        raise UserError(f"{where}: image '{path}' does not exist (paths are relative to the project root)")
+    n_pages = pdf_page_count(path, where) if is_pdf(img_path) else image_page_count(path, where)
+    if page is not None:
+        if not isinstance(texts, str):
+            raise UserError(f"{where}: '{img_path}' names one page: 'ocr_results' must be one string")
+        if page > n_pages:
+            raise UserError(f"{where}: '{path}' has {n_pages} page(s), not page {page}")
+        return [(img_path, texts)]
+    if isinstance(texts, list):
+        if len(texts) != n_pages:
+            raise UserError(f"{where}: '{path}' has {n_pages} page(s) but 'ocr_results' has {len(texts)} texts")
+        return [(page_ref(path, k + 1), text) for k, text in enumerate(texts)]
+    if n_pages > 1:
+        raise UserError(f"{where}: '{path}' has {n_pages} pages: give 'ocr_results' as a list of {n_pages} texts, "
+                        f"or name one page as '{path}#page=N'")
+    return [(page_ref(path, 1) if is_pdf(img_path) else img_path, texts)]
 
 
-def group_key(image_path, group_by):
-    return str(Path(image_path).parent) if group_by == "parent" else image_path
+def image_page_count(path, where):
+    try:
+        return page_count(path)
+    except ImageError as err:
+        raise UserError(f"{where}: image {err}") from None
+
+
+def pdf_page_count(path, where):
+    import pypdfium2 as pdfium
+
+    try:
+        with pdfium.PdfDocument(str(path)) as pdf:
+            return len(pdf)
+    except pdfium.PdfiumError as err:
+        raise UserError(f"{where}: '{path}' is not a readable PDF ({err})") from None
+
+
+def render_pdf_page(ref, dpi, pages_dir, where):
+    """Render one PDF page to PNG in pages_dir (named by the PDF's hash and the page); return the file."""
+    import pypdfium2 as pdfium
+
+    path, page = split_ref(ref)
+    name = f"{content_hash(path)[:16]}_p{page}.png"
+    target = Path(pages_dir) / name
+    try:
+        with pdfium.PdfDocument(str(path)) as pdf:
+            bitmap = pdf[page - 1].render(scale=dpi / 72)
+            bitmap.to_pil().convert("RGB").save(target, format="PNG")
+    except pdfium.PdfiumError as err:
+        raise UserError(f"{where}: page {page} of '{path}' could not be rendered ({err})") from None
+    return target
+
+
+def check_image(ref, where):
+    """Decode the image with the loader every later stage uses: what passes here, they can read."""
+    try:
+        load_image(ref)
+    except ImageError as err:
+        raise UserError(f"{where}: image {err}") from None
+
+
+def group_key(row, group_by):
+    """The unit kept on one side: the folder (group_by parent), else the file (all pages of a PDF/TIFF)."""
+    path = split_ref(row.get("source", row["image_path"]))[0]
+    return str(path.parent) if group_by == "parent" else str(path)
 
 
 def split_rows(rows, test_ratio, seed, group_by):
     """Shuffle groups with `seed`; fill the test side up to round(n * test_ratio) rows."""
     groups = defaultdict(list)
     for row in rows:
-        groups[group_key(row["image_path"], group_by)].append(row)
+        groups[group_key(row, group_by)].append(row)
     keys = sorted(groups)
     random.Random(seed).shuffle(keys)
     target = round(len(rows) * test_ratio)
@@ -103,8 +190,10 @@ def write_plots(non_test, test, plot_dir):
     atomic_write_text(Path(plot_dir) / "label_lengths.csv", "\n".join(lines) + "\n")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    longest = max(len(r["ocr_text"]) for r in non_test + test)
+    bins = range(0, longest + 2) if longest < 60 else 50   # every label is inside a bin (long pages too)
     for name, rows in (("non_test", non_test), ("test", test)):
-        ax.hist([len(r["ocr_text"]) for r in rows], bins=range(0, 42), alpha=0.6, label=f"{name} ({len(rows)})")
+        ax.hist([len(r["ocr_text"]) for r in rows], bins=bins, alpha=0.6, label=f"{name} ({len(rows)})")
     ax.set_xlabel("label length (characters)")
     ax.set_ylabel("lines")
     ax.set_title("Label lengths by split")
@@ -117,7 +206,7 @@ def write_plots(non_test, test, plot_dir):
 
 
 def main(argv=None):
-    params = P.load_params()
+    params = P.load_params(PARAMS)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", default="data/raw_data/ocr.json")
     parser.add_argument("--output-dir", default=OUT_DIR)
@@ -125,29 +214,34 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=P.get(params, "split.seed", int))
     parser.add_argument("--group-by", choices=["none", "parent"], default=P.get(params, "split.group_by", str))
     parser.add_argument("--empty-text", choices=["error", "drop", "keep"], default=P.get(params, "split.empty_text", str))
+    parser.add_argument("--pdf-dpi", type=int, default=P.get(params, "split.pdf_dpi", int, minimum=36, maximum=1200))
     parser.add_argument("--metrics", default=METRICS)
     parser.add_argument("--plots-dir", default=PLOT_DIR)
     args = parser.parse_args(argv)
     if not 0.0 < args.test_ratio < 1.0:
         raise UserError(f"--test-ratio (split.test_ratio) must be between 0 and 1, got {args.test_ratio}")
 
-    rows, dropped = read_raw(args.input, args.empty_text)
-    if len(rows) < 2:
-        raise UserError(f"{args.input}: need at least 2 usable rows to split, found {len(rows)}")
-    non_test, test = split_rows(rows, args.test_ratio, args.seed, args.group_by)
-    if not non_test or not test:
-        n_groups = len({group_key(r["image_path"], args.group_by) for r in rows})
-        raise UserError(f"{args.input}: split left one side empty ({len(non_test)} non-test, {len(test)} test, "
-                        f"{n_groups} group(s) with group_by={args.group_by}); check split.test_ratio and split.group_by")
-
-    out = Path(args.output_dir)
-    atomic_write_json(out / "ocr_non_test.json", non_test, indent=1)
-    atomic_write_json(out / "ocr_test.json", test, indent=1)
+    # Everything is written into a temp folder that replaces data/input only when the split succeeded.
+    with atomic_dir(args.output_dir) as out:
+        (out / PAGES_DIR).mkdir()
+        rows, counts = read_raw(args.input, args.empty_text, args.pdf_dpi, out / PAGES_DIR,
+                                Path(args.output_dir) / PAGES_DIR)
+        if len(rows) < 2:
+            raise UserError(f"{args.input}: need at least 2 usable rows to split, found {len(rows)}")
+        non_test, test = split_rows(rows, args.test_ratio, args.seed, args.group_by)
+        if not non_test or not test:
+            n_groups = len({group_key(r, args.group_by) for r in rows})
+            raise UserError(f"{args.input}: split left one side empty ({len(non_test)} non-test, {len(test)} test, "
+                            f"{n_groups} group(s) with group_by={args.group_by}); check split.test_ratio and split.group_by")
+        atomic_write_json(out / "ocr_non_test.json", non_test, indent=1)
+        atomic_write_json(out / "ocr_test.json", test, indent=1)
+    dropped = counts["dropped_empty"]
     metrics = {"non_test": stats(non_test), "test": stats(test), "dropped_empty": dropped,
-               "test_fraction": round(len(test) / len(rows), 4)}
+               "pdf_pages": counts["pdf_pages"], "test_fraction": round(len(test) / len(rows), 4)}
     atomic_write_json(args.metrics, metrics)
     write_plots(non_test, test, args.plots_dir)
-    print(f"split: {len(non_test)} non-test, {len(test)} test, {dropped} empty dropped -> {out}/")
+    pdf = f", {counts['pdf_pages']} PDF pages rendered at {args.pdf_dpi} dpi" if counts["pdf_pages"] else ""
+    print(f"split: {len(non_test)} non-test, {len(test)} test, {dropped} empty dropped{pdf} -> {args.output_dir}/")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from .lib.io import atomic_dir, atomic_write_json
 from .lib.synthetic import random_line, render_line
 
 OUT_DIR = "data/raw_data"
+PARAMS = ["synth"]
 
 
 def main(argv=None):
@@ -22,7 +23,7 @@ def main(argv=None):
     parser.add_argument("--output-dir", default=OUT_DIR)
     args = parser.parse_args(argv)
 
-    params = P.load_params()
+    params = P.load_params(PARAMS)
     n_lines = P.get(params, "synth.n_lines", int, minimum=1)
     per_doc = P.get(params, "synth.lines_per_document", int, minimum=1)
     seed = P.get(params, "synth.seed", int)

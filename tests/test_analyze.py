@@ -118,17 +118,18 @@ def project(tmp_path_factory):
     rows = make_rows(root / "data/raw_data/images", 30)
     for row in rows:
         row["image_path"] = str(Path(row["image_path"]).relative_to(root))
-    (root / "results").mkdir()
-    for file, name, rate, seed in (("finetuned_norm.json", "merged", 0.5, 1), ("base_norm.json", "base", 1.0, 2),
-                                   ("tesseract_norm.json", "tesseract", 0.2, 3)):
-        (root / "results" / file).write_text(json.dumps(scored_result(rows, name, rate, seed), ensure_ascii=False))
+    (root / "scored").mkdir()
+    for file, name, rate, seed in (("finetuned.json", "merged", 0.5, 1), ("base.json", "base", 1.0, 2),
+                                   ("tesseract.json", "tesseract", 0.2, 3)):
+        (root / "scored" / file).write_text(json.dumps(scored_result(rows, name, rate, seed), ensure_ascii=False))
     (root / "metrics").mkdir()
     score = {"overall_cer": 0.1234, "overall_cer_ci95_low": 0.1001, "overall_cer_ci95_high": 0.1502,
              "overall_f1": 0.8765, "overall_f1_ci95_low": 0.85, "overall_f1_ci95_high": 0.9, "exact_match": 0.5,
              "empty_predictions": 3, "total_samples": 30,
              "baselines": {"base": {"overall_cer": 0.9876, "overall_cer_ci95_low": 0.9, "overall_cer_ci95_high": 1.05,
                                     "overall_f1": 0.2, "total_samples": 30},
-                           "tesseract": {"overall_cer": 0.0456, "overall_f1": 0.95, "total_samples": 30}}}
+                           "tesseract": {"overall_cer": 0.0456, "overall_f1": 0.95, "total_samples": 30,
+                                         "truncated_predictions": 2}}}
     (root / "metrics/score.json").write_text(json.dumps(score))
     (root / "metrics/train.json").write_text(json.dumps({"train_loss": 0.51, "eval_loss": 0.62, "best_step": 150,
                                                           "global_step": 200, "val_cer": 0.031, "val_cer_base": 0.7}))
@@ -187,7 +188,11 @@ def test_summary_table(project, stage_run):
     base = next(line for line in lines if line.startswith("| base"))
     assert "0.9876 [0.9000, 1.0500]" in base
     assert next(line for line in lines if line.startswith("| Tesseract")).count("[") == 0  # no interval stored
-    assert [line.split("|")[1].strip() for line in lines[2:5]] == ["base (no fine-tuning)", "fine-tuned", "Tesseract"]
+    # one row per run of params.yaml `runs`: the main one (runs.main) first, then the table's order
+    # (this fixture's params.yaml was dumped with sorted keys: base before finetuned)
+    assert [line.split("|")[1].strip() for line in lines[2:5]] == ["fine-tuned", "base (no fine-tuning)", "Tesseract"]
+    assert lines[0].split("|")[6].strip() == "truncated predictions"
+    assert next(line for line in lines if line.startswith("| Tesseract")).split("|")[6].strip() == "2"
     best = json.loads((project / "models/search/best_params.json").read_text())
     assert f"best trial #{best['trial']}, eval_loss {best['value']:.6g}" in summary and "| lora_r |" in summary
     assert "12 trials (" in summary and "1 failed)" in summary
@@ -197,7 +202,7 @@ def test_summary_table(project, stage_run):
 
 def test_error_analysis_counts(project, stage_run):
     data = json.loads((project / "reports/errors.json").read_text())
-    result = json.loads((project / "results/finetuned_norm.json").read_text())
+    result = json.loads((project / "scored/finetuned.json").read_text())
     ok = [s for s in result["samples"] if not s.get("error")]
     empty = [s for s in ok if metrics.normalize(s["prediction"]) == ""]
     ft = data["fine-tuned"]
@@ -205,17 +210,18 @@ def test_error_analysis_counts(project, stage_run):
     assert ft["empty_predictions"]["count"] == len(empty) > 0
     assert sorted(r["image_path"] for r in ft["empty_predictions"]["samples"]) == sorted(s["image_path"] for s in empty)
     assert sum(b["samples"] for b in ft["cer_by_length"]) == len(ok)
-    assert set(data) == {"fine-tuned", "base", "tesseract"}
+    assert set(data) == {"fine-tuned", "base (no fine-tuning)", "Tesseract"}
 
 
 def test_html_report_is_offline_and_shows_the_worst(project, stage_run):
     text = (project / "reports/errors.html").read_text(encoding="utf-8")
     assert "http://" not in text and "https://" not in text and "<script" not in text
-    result = json.loads((project / "results/finetuned_norm.json").read_text())
+    result = json.loads((project / "scored/finetuned.json").read_text())
     ok = [s for s in result["samples"] if not s.get("error") and s["cer_score"] > 0]
     worst = max(ok, key=lambda s: s["cer_score"])
-    import base64
-    assert base64.b64encode((project / worst["image_path"]).read_bytes()).decode() in text
+    # the image as the one loader reads it, re-encoded as PNG (so a TIFF or a 16-bit scan shows in a browser)
+    assert report.image_data_url(project / worst["image_path"]).startswith("data:image/png;base64,")
+    assert report.image_data_url(project / worst["image_path"]) in text
     assert text.count('<td class="img">') == min(8, len(ok))
     assert result["samples"][1]["image_path"] in text  # the failed sample is listed as failed
 
@@ -300,12 +306,12 @@ def test_unknown_study_is_one_line_and_exit_2(project):
 def test_bad_results_file_writes_nothing(project, tmp_path):
     scratch = tmp_path / "p"
     shutil.copytree(project, scratch, ignore=shutil.ignore_patterns("reports", "analysis", "summary.md"))
-    bad = json.loads((scratch / "results/finetuned_norm.json").read_text())
+    bad = json.loads((scratch / "scored/finetuned.json").read_text())
     del bad["samples"][4]["prediction"]
-    (scratch / "results/finetuned_norm.json").write_text(json.dumps(bad))
+    (scratch / "scored/finetuned.json").write_text(json.dumps(bad))
     result = run_analyze(cwd=scratch)
     assert result.returncode == 2
-    assert "results/finetuned_norm.json: sample 4: field 'prediction' missing or not a string" in result.stderr
+    assert "scored/finetuned.json: sample 4: field 'prediction' missing or not a string" in result.stderr
     assert not (scratch / "reports").exists() and not (scratch / "plots/analysis").exists()
     assert not (scratch / "metrics/summary.md").exists()
 

@@ -143,21 +143,30 @@ def test_scoring_does_not_import_torch():
     assert done.stdout.strip() == "[]"
 
 
+RUNS = ("finetuned", "base", "tesseract")   # the runs table of the project's params.yaml, main run first
+
+
 def stage_inputs(results):
+    """Three runs' evaluation outputs, and the project's params.yaml (its runs table) beside them."""
+    (results.parent / "params.yaml").write_text((ROOT / "params.yaml").read_text(encoding="utf-8"), encoding="utf-8")
     write(results / "finetuned.json", evaluation([dict(s) for s in SAMPLES]))
-    write(results / "base.json", evaluation([dict(s, prediction="xyz" * 3) for s in SAMPLES if "error" not in s]))
+    write(results / "base.json", evaluation([dict(s, prediction="xyz" * 3, finish_reason="length")
+                                             for s in SAMPLES if "error" not in s]))
     write(results / "tesseract.json", evaluation([dict(s, prediction=s["label"]) for s in SAMPLES if "error" not in s]))
 
 
-def test_stage_mode_writes_every_dvc_output(tmp_path, monkeypatch):
+def test_stage_mode_writes_every_dvc_output(tmp_path, monkeypatch, capsys):
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]["normalize-score"]
     stage_inputs(tmp_path / "results")
     monkeypatch.chdir(tmp_path)
     score.main(["--bootstrap-samples", "100", "--seed", "0"])
 
-    declared = list(stage["outs"]) + [next(iter(m)) for m in stage["metrics"]] + [next(iter(p)) for p in stage["plots"]]
+    declared = [next(iter(m)) for m in stage["metrics"]] + [next(iter(p)) for p in stage["plots"]]
     assert all((tmp_path / path).is_file() for path in declared), declared
-    assert {d for d in stage["deps"] if d.startswith("results/")} == {f"results/{r}.json" for r in score.RUNS}
+    assert stage["outs"] == ["scored"] and "results" in stage["deps"]
+    assert sorted(p.name for p in (tmp_path / "scored").iterdir()) == sorted(f"{r}.json" for r in RUNS)
+    warned = capsys.readouterr().err
+    assert "warning: base: 3 of 3 predictions were cut by the token limit" in warned and "finetuned:" not in warned
 
     metrics = json.loads((tmp_path / "metrics/score.json").read_text(encoding="utf-8"))
     assert metrics["overall_cer"] == pytest.approx(round(3 / 13, 6))              # the fine-tuned model
@@ -165,11 +174,12 @@ def test_stage_mode_writes_every_dvc_output(tmp_path, monkeypatch):
     assert metrics["baselines"]["tesseract"]["overall_cer"] == 0.0
     assert metrics["baselines"]["tesseract"]["exact_match"] == 1.0
     assert metrics["baselines"]["base"]["overall_f1"] == 0.0
+    assert (metrics["truncated_predictions"], metrics["baselines"]["base"]["truncated_predictions"]) == (0, 3)
 
     with open(tmp_path / "plots/score/cer_histogram.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [r["cer_bin"] for r in rows][:2] == ["0.0-0.1", "0.1-0.2"] and rows[-1]["cer_bin"] == "1.0+"
-    assert [sum(int(r[run]) for r in rows) for run in score.RUNS] == [3, 3, 3]
+    assert [sum(int(r[run]) for r in rows) for run in RUNS] == [3, 3, 3]
     assert (rows[0]["finetuned"], rows[2]["finetuned"], rows[6]["finetuned"]) == ("1", "1", "1")  # 0, 0.25, 0.67
     assert (rows[0]["tesseract"], rows[-1]["base"]) == ("3", "3")
     with open(tmp_path / "plots/score/cer_by_length.csv", encoding="utf-8") as f:
@@ -187,6 +197,7 @@ def test_stage_mode_bad_baseline_writes_nothing(tmp_path, monkeypatch):
         score.main(["--bootstrap-samples", "10", "--seed", "0"])
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["base.json", "finetuned.json", "tesseract.json"]
     assert not (tmp_path / "metrics").exists() and not (tmp_path / "plots").exists()
+    assert not (tmp_path / "scored").exists()
 
 
 def test_cer_histogram_bins_exact_tenths():

@@ -62,8 +62,44 @@ def load_model(path, *, load_in_4bit=False, dtype=None):
     return AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
 
 
-def read_images(model, processor, images, instruction, *, batch_size=16, max_new_tokens=64, progress=False):
-    """Greedy transcription of PIL images with the shared prompt; returns a list of strings."""
+# How many tokens an answer may take: the longest tokenized label times this, plus this many (the
+# end-of-turn token, and room for a model that writes a little more than the label).
+BUDGET_FACTOR, BUDGET_EXTRA = 1.25, 16
+
+
+def context_length(model_dir):
+    """The model's context in tokens (text_config.max_position_embeddings), or None if not stated."""
+    config = read_json(Path(model_dir) / "config.json")
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    value = text.get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def prompt_length(model_dir, tokenizer, instruction):
+    """Tokens before the answer: the image's soft tokens plus the templated instruction (an upper bound)."""
+    config = read_json(Path(model_dir) / "config.json")
+    image_tokens = config.get("mm_tokens_per_image") or 256
+    return image_tokens + len(tokenizer(instruction, add_special_tokens=False)["input_ids"]) + 16
+
+
+def generation_budget(tokenizer, labels, model_dir, instruction):
+    """max_new_tokens for greedy reading: enough for the longest label of the data (with a margin),
+    never past the model's context. The one rule for evaluation (evaluate.max_tokens 'auto') and
+    the validation CER inside training. Returns (budget, details)."""
+    lengths = [len(ids) for ids in tokenizer(list(labels), add_special_tokens=False)["input_ids"]] or [0]
+    budget = int(max(lengths) * BUDGET_FACTOR) + BUDGET_EXTRA
+    context = context_length(model_dir)
+    room = context - prompt_length(model_dir, tokenizer, instruction) if context else None
+    if room is not None:
+        budget = max(1, min(budget, room))
+    return budget, {"longest_label_tokens": max(lengths), "context": context, "room": room}
+
+
+def read_images(model, processor, images, instruction, *, batch_size=16, max_new_tokens=64, progress=False,
+                stats=None):
+    """Greedy transcription of PIL images with the shared prompt; returns a list of strings.
+    `stats` (a dict), when given, gets "truncated": answers that reached max_new_tokens without an
+    end-of-turn (cut, not finished)."""
     import torch
     from tqdm import tqdm
 
@@ -82,6 +118,11 @@ def read_images(model, processor, images, instruction, *, batch_size=16, max_new
             ids = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
         new = ids[:, inputs["input_ids"].shape[1]:]
         out.extend(s.strip() for s in processor.batch_decode(new, skip_special_tokens=True))
+        if stats is not None:
+            eos = model.generation_config.eos_token_id
+            eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
+            # a finished answer holds an end token (generation stops there); a cut one does not
+            stats["truncated"] = stats.get("truncated", 0) + sum(not eos & set(row) for row in new.tolist())
     model.train(was_training)
     return out
 

@@ -1,8 +1,6 @@
 """The one prompt builder. Training and evaluation both call it, so the model is asked
 exactly what it was taught: the image first, then the instruction, in Gemma's chat template."""
 import base64
-import mimetypes
-from pathlib import Path
 
 DEFAULT_INSTRUCTION = "請給我 OCR 結果"
 
@@ -31,10 +29,13 @@ def training_example(image, text, instruction):
 
 
 def image_data_url(path):
-    """Encode an image file as a base64 data URL with the MIME type of its extension."""
-    mime = mimetypes.guess_type(str(path))[0] or "application/octet-stream"
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return f"data:{mime};base64,{data}"
+    """The image as the loader reads it (stages/lib/images.py: EXIF orientation, transparency on
+    white, 8-bit RGB), encoded as a lossless PNG data URL: a served model is sent the pixels
+    training saw, not the raw file (which a server would decode its own way)."""
+    from .images import load_image, png_bytes
+
+    data = base64.b64encode(png_bytes(load_image(path))).decode("ascii")
+    return f"data:image/png;base64,{data}"
 
 
 def chat_messages(image_path, instruction):

@@ -7,7 +7,6 @@ of every figure, as in scoring. No torch import; rapidfuzz does the edit operati
 """
 import base64
 import html
-import mimetypes
 from collections import Counter
 from pathlib import Path
 
@@ -153,13 +152,19 @@ def char_diff_html(ref, pred):
     return "".join(parts) or '<span class="muted">(both empty)</span>'
 
 
-def image_data_url(image_path):
-    """The image file as a data: URL (the report must open offline), or None when unreadable."""
-    path = Path(image_path)
-    if not path.is_file():
+def image_data_url(image_path, max_width=640):
+    """The image as the loader reads it (any format: TIFF, 16-bit, EXIF-rotated, transparent), as
+    a PNG data: URL no wider than max_width (the report must open offline and stay small, and
+    browsers do not show TIFF), or None when unreadable."""
+    from .images import ImageError, load_image, png_bytes
+
+    try:
+        image = load_image(image_path)
+    except (ImageError, OSError):
         return None
-    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+    if image.width > max_width:
+        image = image.resize((max_width, max(1, round(image.height * max_width / image.width))))
+    return f"data:image/png;base64,{base64.b64encode(png_bytes(image)).decode('ascii')}"
 
 
 def _esc(text):

@@ -1,8 +1,9 @@
 """The table of runs: every evaluation of the pipeline, one row each in params.yaml `runs:`.
 
     runs:
+      main: finetuned         # the run metrics/score.json reports at its top level (the others: baselines.NAME)
       models:                 # served models (the evaluate@NAME stages): NAME: {dir, title}
-        finetuned: {dir: models/merged, title: fine-tuned}      # the first model is the main run
+        finetuned: {dir: models/merged, title: fine-tuned}
       engines:                # OCR engines (the engine@NAME stages, stages/lib/evaluation/engines/NAME.py)
         tesseract: {title: Tesseract, lang: chi_tra+eng, psm: 6}
 
@@ -20,7 +21,7 @@ SCORED_DIR = "scored"   # normalize-score writes scored/NAME.json (normalized fi
 
 
 def load_runs(params):
-    """[{"name", "title", "kind": "model"|"engine", "settings": row}], models first (the first is the main run)."""
+    """[{"name", "title", "kind": "model"|"engine", "settings": row}]: the main run first, then the table's order."""
     table = P.get(params, "runs", dict)
     runs = []
     for kind, group in (("model", "models"), ("engine", "engines")):
@@ -33,9 +34,11 @@ def load_runs(params):
             if not str(name).replace("_", "").isalnum():
                 raise UserError(f"params.yaml: 'runs.{group}.{name}': run names are letters, digits and _")
             runs.append({"name": str(name), "title": row["title"], "kind": kind, "settings": row})
-    if not runs or runs[0]["kind"] != "model":
-        raise UserError("params.yaml: 'runs.models' must name at least one model (the first is the main run)")
-    return runs
+    main = P.get(params, "runs.main", str)
+    names = [run["name"] for run in runs]
+    if main not in names:
+        raise UserError(f"params.yaml: 'runs.main' {main!r} is not a run of the table ({', '.join(names) or 'none'})")
+    return sorted(runs, key=lambda run: run["name"] != main)   # stable: the rest keep their order
 
 
 def raw_path(name, results_dir=RAW_DIR):

@@ -25,53 +25,79 @@ Contract (signatures are stable):
 """
 import random
 from collections import defaultdict
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from . import params as P
 from .cli import UserError
 
 BACKENDS = ("auto", "unsloth", "transformers")
-# key -> (type, lookup options); all are top-level keys of params.yaml.
-TRAINING_KEYS = {
-    "model_name": (str, {}),
-    "instruction": (str, {}),
-    "backend": (str, {"choices": BACKENDS}),
-    "seed": (int, {"minimum": 0}),
-    "val_ratio": (float, {"maximum": 0.9}),
-    "lora_r": (int, {"minimum": 1}),
-    "lora_alpha": (float, {}),
-    "lora_dropout": (float, {"minimum": 0.0, "maximum": 0.99}),
-    "learning_rate": (float, {}),
-    "num_train_epochs": (float, {}),
-    "per_device_train_batch_size": (int, {"minimum": 1}),
-    "gradient_accumulation_steps": (int, {"minimum": 1}),
-    "warmup_ratio": (float, {"minimum": 0.0, "maximum": 0.99}),
-    "weight_decay": (float, {"minimum": 0.0}),
-    "max_seq_length": (int, {"minimum": 1, "allow_none": True}),
-    "load_in_4bit": (bool, {}),
-    "finetune_vision_layers": (bool, {}),
-    "finetune_language_layers": (bool, {}),
-    "finetune_attention_modules": (bool, {}),
-    "finetune_mlp_modules": (bool, {}),
-    "eval_steps": (int, {"minimum": 1}),
-    "logging_steps": (int, {"minimum": 1}),
-    "report_to": (str, {}),
-}
-POSITIVE = ("lora_alpha", "learning_rate", "num_train_epochs", "val_ratio")
+
+
+def _param(default, help, **check):
+    """One training hyperparameter: its default, what it does, and its check (params.get options)."""
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Every training hyperparameter, declared once: name, type, default, check.
+
+    Each is a top-level key of params.yaml of the same name (so `dvc exp run -S lora_r=8` works);
+    the train and search stages read exactly these (their PARAMS, checked against dvc.yaml by
+    tests/test_dvc_yaml.py), and the search space may only name these. Adding one = one line here,
+    its value in params.yaml, and its name in the train and search `params:` of dvc.yaml (the test
+    fails until it is there)."""
+    model_name: str = _param("tiny", "'tiny' (built offline by the base stage) or a local checkpoint folder")
+    instruction: str = _param("請給我 OCR 結果", "the OCR instruction of every prompt")
+    backend: str = _param("auto", "auto | unsloth | transformers", choices=BACKENDS)
+    seed: int = _param(42, "training and train/validation split seed", minimum=0)
+    val_ratio: float = _param(0.1, "share of the non-test split held out for validation", maximum=0.9, positive=True)
+    lora_r: int = _param(16, "LoRA rank", minimum=1)
+    lora_alpha: float = _param(32.0, "LoRA alpha", positive=True)
+    lora_dropout: float = _param(0.0, "LoRA dropout", minimum=0.0, maximum=0.99)
+    learning_rate: float = _param(5.0e-3, "peak learning rate (cosine schedule)", positive=True)
+    num_train_epochs: float = _param(25.0, "epochs over the training rows", positive=True)
+    per_device_train_batch_size: int = _param(16, "batch size per device", minimum=1)
+    gradient_accumulation_steps: int = _param(1, "micro-batches per optimizer step", minimum=1)
+    warmup_ratio: float = _param(0.1, "share of the steps spent warming up", minimum=0.0, maximum=0.99)
+    weight_decay: float = _param(0.0, "AdamW weight decay", minimum=0.0)
+    max_seq_length: int = _param(8192, "longest training sequence in tokens (null: no limit)", minimum=1,
+                                 allow_none=True)
+    load_in_4bit: bool = _param(False, "QLoRA on a 4-bit base (CUDA only)")
+    finetune_vision_layers: bool = _param(True, "LoRA on the vision tower")
+    finetune_language_layers: bool = _param(True, "LoRA on the language model")
+    finetune_attention_modules: bool = _param(True, "LoRA on attention projections")
+    finetune_mlp_modules: bool = _param(True, "LoRA on MLP projections")
+    eval_steps: int = _param(25, "evaluate eval_loss every N optimizer steps", minimum=1)
+    logging_steps: int = _param(5, "log the train loss every N steps", minimum=1)
+    report_to: str = _param("none", "extra transformers trackers, e.g. wandb (dvclive is always on)")
+
+
+TRAINING_FIELDS = {f.name: f for f in fields(TrainingConfig)}
+TRAINING_KEYS = tuple(TRAINING_FIELDS)
+
+
+def field_type(f):
+    return {"str": str, "int": int, "float": float, "bool": bool}[f.type if isinstance(f.type, str) else f.type.__name__]
 
 
 def training_config(params, overrides=None):
     """Validated training keys from params (top level), `overrides` applied first."""
     merged = {key: params.get(key) for key in TRAINING_KEYS if key in params}
     for key, value in (overrides or {}).items():
-        if key not in TRAINING_KEYS:
+        if key not in TRAINING_FIELDS:
             raise UserError(f"params.yaml: unknown training parameter '{key}' (known: {', '.join(TRAINING_KEYS)})")
         merged[key] = value
     config = {}
-    for key, (kind, options) in TRAINING_KEYS.items():
-        config[key] = P.get(merged, key, kind, **options)
-    for key in POSITIVE:
-        if config[key] <= 0:
+    for key, f in TRAINING_FIELDS.items():
+        if key not in merged:
+            raise UserError(f"params.yaml: missing training parameter '{key}' ({f.metadata['help']}; "
+                            f"default {f.default!r})")
+        check = dict(f.metadata["check"])
+        positive = check.pop("positive", False)
+        config[key] = P.get(merged, key, field_type(f), **check)
+        if positive and config[key] <= 0:
             raise UserError(f"params.yaml: '{key}' must be > 0, got {config[key]!r}")
     if not config["instruction"].strip():
         raise UserError("params.yaml: 'instruction' must not be empty")
@@ -145,10 +171,12 @@ def lora_targets(model, config):
 
 
 def ocr_examples(rows, instruction):
-    """TRL conversational prompt/completion rows (stages/lib/prompt.py), images loaded as RGB."""
+    """TRL conversational prompt/completion rows (stages/lib/prompt.py), images read by the one loader
+    (stages/lib/images.py), so training sees the pixels evaluation sends."""
+    from .images import load_image
     from .prompt import training_example
 
-    return [training_example(load_rgb(r["image_path"]), r["ocr_text"], instruction) for r in rows]
+    return [training_example(load_image(r["image_path"]), r["ocr_text"], instruction) for r in rows]
 
 
 def check_max_length(processor, dataset, max_length):
@@ -161,6 +189,30 @@ def check_max_length(processor, dataset, max_length):
     if max_length <= len(prompt_len[0]):
         raise UserError(f"params.yaml: 'max_seq_length' {max_length} would cut the prompt of {len(prompt_len[0])} "
                         "tokens, image tokens included (raise it, or null for no limit)")
+
+
+def check_row_lengths(base_dir, rows, config):
+    """Refuse, before any heavy work, rows whose prompt + answer is longer than max_seq_length or the
+    model's context: they would be cut (or, past the context, train very slowly and uselessly)."""
+    from .modeling import context_length, load_processor, prompt_length
+
+    processor = load_processor(base_dir)
+    tokenizer = processor.tokenizer
+    context = context_length(base_dir)
+    limits = [(v, name) for v, name in ((config["max_seq_length"], "max_seq_length"),
+                                        (context, f"the model's context ({base_dir}/config.json)")) if v]
+    if not limits:
+        return
+    limit, what = min(limits)
+    prompt = prompt_length(base_dir, tokenizer, config["instruction"])
+    answers = tokenizer([r["ocr_text"] for r in rows], add_special_tokens=False)["input_ids"]
+    too_long = [(i, prompt + len(ids) + 1) for i, ids in enumerate(answers) if prompt + len(ids) + 1 > limit]
+    if too_long:
+        i, n = too_long[0]
+        raise UserError(f"{len(too_long)} of {len(rows)} training/validation rows are longer than {what}, {limit} "
+                        f"tokens (first: '{rows[i]['image_path']}', about {n} tokens, label "
+                        f"{len(rows[i]['ocr_text'])} characters): split such pages into smaller images, raise "
+                        "max_seq_length, or use a model with a longer context")
 
 
 class LiveCallback:
@@ -266,7 +318,7 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
 
     from .io import atomic_dir
     from .metrics import corpus_cer
-    from .modeling import read_images
+    from .modeling import generation_budget, read_images
 
     checkpoint_dir = Path(checkpoint_dir or f"{output_dir}.checkpoints")
     last = get_last_checkpoint(str(checkpoint_dir)) if resume and checkpoint_dir.is_dir() else None
@@ -277,6 +329,7 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     (checkpoint_dir / ".gitignore").write_text("*\n")  # never committed; deleted after a finished run
 
+    check_row_lengths(base_dir, train_rows + val_rows, config)   # before the model is loaded
     torch.manual_seed(config["seed"])
     model, processor = load_for_training(config, base_dir, backend)
     train_set, val_set = ocr_examples(train_rows, config["instruction"]), ocr_examples(val_rows, config["instruction"])
@@ -320,12 +373,20 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
 
             FastVisionModel.for_inference(model)
         refs = [r["ocr_text"] for r in val_rows]
+        # the evaluation's rule (evaluate.max_tokens 'auto'): room for the longest label, so nothing is cut
+        budget, _ = generation_budget(processor.tokenizer, [r["ocr_text"] for r in train_rows + val_rows],
+                                      base_dir, config["instruction"])
         def amp():  # bf16 training can leave bf16 trainable weights: generate under autocast too
             return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bool(trainer.args.bf16))
+        cut, cut_base = {}, {}
         with amp():
-            metrics["val_cer"] = corpus_cer(refs, read_images(model, processor, images, config["instruction"]))
+            metrics["val_cer"] = corpus_cer(refs, read_images(model, processor, images, config["instruction"],
+                                                              max_new_tokens=budget, stats=cut))
         with amp(), model.disable_adapter():
-            metrics["val_cer_base"] = corpus_cer(refs, read_images(model, processor, images, config["instruction"]))
+            metrics["val_cer_base"] = corpus_cer(refs, read_images(model, processor, images, config["instruction"],
+                                                                   max_new_tokens=budget, stats=cut_base))
+        metrics.update(val_max_new_tokens=budget, val_truncated=cut.get("truncated", 0),
+                       val_truncated_base=cut_base.get("truncated", 0))
     with atomic_dir(output_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -335,13 +396,6 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
 
 def step_of(checkpoint_path):
     return int(str(checkpoint_path).rsplit("-", 1)[-1]) if checkpoint_path else None
-
-
-def load_rgb(path):
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 def to_messages(row):

@@ -22,6 +22,7 @@ import requests
 from tqdm import tqdm
 
 from .. import metrics
+from ..images import ImageError
 from ..io import atomic_write_json
 from ..prompt import chat_messages
 
@@ -93,7 +94,7 @@ class ChatClient:
         """One sample -> {"prediction", "completion_tokens", ...}; SampleError when it cannot."""
         try:
             body = self.body(sample["image_path"])
-        except OSError as err:
+        except (OSError, ImageError) as err:
             raise SampleError(f"image unreadable: {err}") from None
         session = self._session()
         problem = "no attempt made"
@@ -132,11 +133,13 @@ class ChatClient:
         raise SampleError(f"{problem} (after {attempts} attempts)", attempts)
 
 
-def sample_key(image_path, label):
-    return f"{image_path}\x00{label}"
+def sample_key(sample):
+    """What a finished record must match to be reused: the image (path and content hash) and the label.
+    A changed image (same path, new pixels) has a new hash, so it is predicted again."""
+    return f"{sample.get('image_path')}\x00{sample.get('image_sha256')}\x00{sample.get('label')}"
 
 
-SCORED_FIELDS = {"image_path", "label", "prediction", "cer_score", "f1_score", "error"}
+SCORED_FIELDS = {"image_path", "image_sha256", "label", "prediction", "cer_score", "f1_score", "error"}
 
 
 def score_record(sample, outcome):
@@ -144,7 +147,7 @@ def score_record(sample, outcome):
 
     `outcome` is a fresh predict() result or a record reused from an earlier run: scores are
     always recomputed, so a change in the metrics code reaches resumed samples too."""
-    record = {"image_path": sample["image_path"], "label": sample["label"]}
+    record = {"image_path": sample["image_path"], "image_sha256": sample.get("image_sha256"), "label": sample["label"]}
     if "error" in outcome:
         record.update(prediction=None, cer_score=None, f1_score=None, error=outcome["error"],
                       attempts=outcome.get("attempts"))
@@ -173,7 +176,7 @@ def load_previous(path, fingerprint):
     done = {}
     for record in doc["samples"]:
         if isinstance(record, dict) and "error" not in record and isinstance(record.get("prediction"), str):
-            done[sample_key(record.get("image_path"), record.get("label"))] = record
+            done[sample_key(record)] = record
     return done
 
 
@@ -216,7 +219,7 @@ def run_samples(samples, predict, *, workers, output_path, header, save_interval
     output_path every save_interval finished samples and on Ctrl-C; returns (records in input
     order, summary). The caller writes the final document (it decides the final status)."""
     previous = previous or {}
-    records = [previous.get(sample_key(s["image_path"], s["label"])) for s in samples]
+    records = [previous.get(sample_key(s)) for s in samples]
     records = [None if r is None else score_record(s, r) for s, r in zip(samples, records)]
     pending = [i for i, r in enumerate(records) if r is None]
     new_tokens = 0

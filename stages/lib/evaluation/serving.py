@@ -42,6 +42,12 @@ class Server:
     engine: str                  # transformers | vllm | external
     models: dict = field(default_factory=dict)   # the /v1/models answer
     pid: int | None = None
+    log_path: str | None = None  # a managed server's output; kept after the run when keep_log() was called
+    _keep: dict = field(default_factory=dict, repr=False)
+
+    def keep_log(self):
+        """Keep the server's log after it stops (samples failed: the cause is in there)."""
+        self._keep["log"] = True
 
     @property
     def accepts_stop(self):
@@ -151,8 +157,9 @@ def wait_healthy(url, proc, timeout_s, log_path):
 
 
 @contextmanager
-def run_server(cmd, url, startup_timeout, env=None):
-    """Start `cmd`, wait until `url`/health answers, yield the Popen; always stop it afterwards."""
+def run_server(cmd, url, startup_timeout, env=None, keep=None):
+    """Start `cmd`, wait until `url`/health answers, yield the Popen; always stop it afterwards.
+    The log is deleted after a clean run unless keep["log"] was set meanwhile."""
     fd, log_path = tempfile.mkstemp(prefix="ocr-eval-server-", suffix=".log")
     proc = None
     ok = False
@@ -166,7 +173,7 @@ def run_server(cmd, url, startup_timeout, env=None):
     finally:
         if proc is not None:
             stop_process(proc)
-        if ok:
+        if ok and not (keep or {}).get("log"):
             Path(log_path).unlink(missing_ok=True)  # keep the log only when something went wrong
 
 
@@ -210,7 +217,10 @@ def managed_server(model_dir, engine="auto", startup_timeout=300, model_name=Non
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
-    with run_server(server_command(engine, model_dir, port, name, extra_args), url, startup_timeout, env) as (proc, _):
+    keep = {}
+    with run_server(server_command(engine, model_dir, port, name, extra_args), url, startup_timeout, env,
+                    keep) as (proc, log_path):
         models = served_models(url)
         check_model_served(models, name, url)
-        yield Server(url=url, model_name=name, engine=engine, models=models, pid=proc.pid)
+        yield Server(url=url, model_name=name, engine=engine, models=models, pid=proc.pid, log_path=log_path,
+                     _keep=keep)

@@ -8,8 +8,14 @@
                                    Images are read with stages/lib/images.load_image, like training.
     PARAMS                         the params.yaml keys settings() reads (dvc.yaml lists them)
 
-ENGINES maps an engine's name to its module.
+ENGINES names them; load_engine imports one on demand, so a stage depends (in dvc.yaml) only on
+the engine it runs.
 """
-from . import tesseract
+import importlib
 
-ENGINES = {"tesseract": tesseract}
+ENGINES = ("tesseract",)
+
+
+def load_engine(name):
+    """The engine module stages/lib/evaluation/engines/NAME.py."""
+    return importlib.import_module(f"{__name__}.{name}")

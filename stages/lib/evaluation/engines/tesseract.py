@@ -10,12 +10,12 @@ from ...cli import UserError
 from ...images import ImageError, load_image, png_bytes
 from ..client import SampleError
 
-PARAMS = ("evaluate.tesseract_lang", "evaluate.tesseract_psm")
+PARAMS = ("runs.engines.tesseract",)
 
 
 def settings(params):
-    return {"lang": P.get(params, "evaluate.tesseract_lang", str),
-            "psm": P.get(params, "evaluate.tesseract_psm", int, minimum=0, maximum=13)}
+    return {"lang": P.get(params, "runs.engines.tesseract.lang", str),
+            "psm": P.get(params, "runs.engines.tesseract.psm", int, minimum=0, maximum=13)}
 
 
 def identity(settings):
@@ -47,6 +47,7 @@ def predictor(settings, timeout):
         if done.returncode != 0:
             tail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["?"]
             raise SampleError(f"tesseract exit {done.returncode}: {tail[0]}")
-        return {"prediction": done.stdout.decode("utf-8", "replace").strip(), "completion_tokens": None}
+        return {"prediction": done.stdout.decode("utf-8", "replace").strip(), "completion_tokens": None,
+                "finish_reason": None}   # an engine has no token limit: nothing to cut
 
     return predict
