@@ -16,6 +16,8 @@ model folder and recorded in models/base/source.json; nothing is built or downlo
 """
 import argparse
 import random
+import sys
+from collections import Counter
 
 from .lib import params as P
 from .lib.cli import UserError, run_main
@@ -35,7 +37,7 @@ def read_params(params):
         return cfg
     for key in ("seed", "image_size", "text_hidden_size", "text_layers", "vision_hidden_size", "vision_layers",
                 "pretrain_lines", "pretrain_steps", "pretrain_batch_size"):
-        cfg[key] = P.get(params, f"base.{key}", int, minimum=0 if key in ("seed", "pretrain_steps") else 1)
+        cfg[key] = P.get(params, f"base.{key}", int, minimum=0 if key == "seed" else 1)
     cfg["pretrain_learning_rate"] = P.get(params, "base.pretrain_learning_rate", float, minimum=0.0)
     cfg["fonts"] = P.get(params, "base.fonts", list)
     cfg["font_sizes"] = P.get(params, "base.font_sizes", list)
@@ -54,6 +56,28 @@ def read_params(params):
 def held_out_count(cfg):
     """Pre-training lines kept aside to measure the base's CER: 100, or a fifth of small sets."""
     return min(100, cfg["pretrain_lines"] // 5)
+
+
+def warn_if_not_grid(rows, image_size):
+    """The tiny base reads square images of 4x4 character cells (the synthetic data); say so, in one
+    line, when the data is something else (real scans, pages, lines of another shape)."""
+    from .lib.images import ImageError, open_frame
+
+    sizes = Counter()
+    for row in rows[:200]:   # a sample is enough to tell
+        try:
+            frame = open_frame(row["image_path"])
+        except ImageError:
+            continue
+        sizes[frame.size] += 1
+        frame.close()
+    other = [size for size in sizes if size != (image_size, image_size)]
+    if other:
+        w, h = max(other, key=sizes.__getitem__)
+        print(f"warning: the tiny demo base reads {image_size}x{image_size} images of 4x4 character cells (the "
+              f"synthetic data); {sum(sizes[s] for s in other)} of {sum(sizes.values())} sampled images are not "
+              f"(e.g. {w}x{h}): its answers on them mean nothing. Set model_name to a real checkpoint folder "
+              "(README: On a GPU with a real checkpoint)", file=sys.stderr)
 
 
 def render_pretraining_lines(cfg):
@@ -93,6 +117,7 @@ def main(argv=None):
     from .lib.tinymodel import build_tiny_model, pretrain
 
     rows = read_split(args.non_test)
+    warn_if_not_grid(rows, cfg["image_size"])
     alphabet = sorted(set(charset()) | {ch for row in rows for ch in row["ocr_text"]})
     samples = render_pretraining_lines(cfg)
     n_held = held_out_count(cfg)

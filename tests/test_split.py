@@ -164,3 +164,103 @@ def test_dvc_repro_skips_when_unchanged_and_split_seed_reruns_only_split(project
     (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     third = sh(dvc, "repro")
     assert "Running stage 'split'" in third and "Running stage 'synth'" not in third
+
+
+# ---------------------------------------------------------------- real documents (issue 13)
+
+def two_page_pdf(path, texts):
+    """A two-page PDF as a scanner writes one: one image per page (Pillow's PDF writer)."""
+    from PIL import Image, ImageDraw
+
+    from stages.lib.synthetic import load_font
+
+    font = load_font("NotoSansCJK-Regular.ttc:Noto Sans CJK TC", 28)
+    pages = []
+    for text in texts:
+        page = Image.new("RGB", (400, 200), "white")
+        ImageDraw.Draw(page).text((20, 80), text, fill="black", font=font)
+        pages.append(page)
+    pages[0].save(path, save_all=True, append_images=pages[1:], resolution=100)
+    return path
+
+
+def test_pdf_pages_are_rendered_hashed_and_kept_on_one_side(project):
+    rows = raw_rows(project, 12)
+    (project / "scans").mkdir()
+    two_page_pdf(project / "scans/report.pdf", ["第一頁 page one", "第二頁 page two"])
+    two_page_pdf(project / "scans/other.pdf", ["甲", "乙"])
+    rows += [{"img_path": "scans/report.pdf", "ocr_results": ["第一頁 page one", "第二頁 page two"]},
+             {"img_path": "scans/other.pdf#page=2", "ocr_results": "乙"}]
+    done = split(project, write_raw(project, rows), "--group-by", "none", "--pdf-dpi", "72")
+    assert done.returncode == 0, done.stderr
+    assert "3 PDF pages rendered at 72 dpi" in done.stdout
+    out = json.loads((project / "out/ocr_non_test.json").read_text()) + json.loads((project / "out/ocr_test.json").read_text())
+    pdf_rows = [r for r in out if "source" in r]
+    assert sorted(r["source"] for r in pdf_rows) == ["scans/other.pdf#page=2", "scans/report.pdf#page=1",
+                                                     "scans/report.pdf#page=2"]
+    from PIL import Image
+
+    for row in pdf_rows:   # rendered PNGs inside the split's output, at the asked resolution (400 px at 100 dpi -> 288 at 72)
+        assert row["image_path"].startswith(str(project / "out/pages")) and Path(row["image_path"]).is_file()
+        assert Image.open(row["image_path"]).size == (288, 144)
+        assert row["image_sha256"] == hashlib.sha256(Path(row["image_path"]).read_bytes()).hexdigest()
+    sides = {r["source"]: name for name in ("ocr_non_test", "ocr_test")
+             for r in json.loads((project / f"out/{name}.json").read_text()) if "source" in r}
+    assert sides["scans/report.pdf#page=1"] == sides["scans/report.pdf#page=2"]   # one PDF, one side
+    assert json.loads((project / "m.json").read_text())["pdf_pages"] == 3
+    assert all(len(r["image_sha256"]) == 64 for r in out)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("pdf_one_text", "has 2 pages: give 'ocr_results' as a list of 2 texts, or name one page as"),
+    ("pdf_wrong_count", "has 2 page(s) but 'ocr_results' has 3 texts"),
+    ("pdf_no_such_page", "has 2 page(s), not page 5"),
+    ("tiff_one_text", "has 2 pages: give 'ocr_results' as a list"),
+    ("fake_pdf", "is not a readable PDF"),
+    ("text_as_png", "is not a readable image"),
+])
+def test_multi_page_and_non_image_files_are_refused_with_one_line(project, case, message):
+    from PIL import Image
+
+    (project / "scans").mkdir()
+    two_page_pdf(project / "scans/doc.pdf", ["a", "b"])
+    Image.new("RGB", (50, 50), "white").save(project / "scans/doc.tif", save_all=True,
+                                             append_images=[Image.new("RGB", (50, 50), "gray")])
+    (project / "scans/fake.pdf").write_text("not a pdf")
+    (project / "scans/notes.png").write_text("a text file with an image's name")
+    bad = {"pdf_one_text": {"img_path": "scans/doc.pdf", "ocr_results": "a b"},
+           "pdf_wrong_count": {"img_path": "scans/doc.pdf", "ocr_results": ["a", "b", "c"]},
+           "pdf_no_such_page": {"img_path": "scans/doc.pdf#page=5", "ocr_results": "a"},
+           "tiff_one_text": {"img_path": "scans/doc.tif", "ocr_results": "a"},
+           "fake_pdf": {"img_path": "scans/fake.pdf", "ocr_results": "a"},
+           "text_as_png": {"img_path": "scans/notes.png", "ocr_results": "a"}}[case]
+    rows = raw_rows(project, 4) + [bad]
+    done = split(project, write_raw(project, rows))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "row 4" in done.stderr and message in done.stderr, done.stderr
+    assert not (project / "out").exists() and not (project / "m.json").exists()   # nothing half-written
+
+
+def test_a_changed_image_changes_the_split(project):
+    from PIL import Image
+
+    rows = raw_rows(project, 8)
+    raw = write_raw(project, rows)
+    assert split(project, raw, "--group-by", "none").returncode == 0
+    first = {r["image_path"]: r["image_sha256"] for name in ("ocr_non_test", "ocr_test")
+             for r in json.loads((project / f"out/{name}.json").read_text())}
+    target = rows[3]["img_path"]
+    Image.new("RGB", (128, 128), "white").save(target)     # same path, same label, new pixels
+    assert split(project, raw, "--group-by", "none").returncode == 0
+    second = {r["image_path"]: r["image_sha256"] for name in ("ocr_non_test", "ocr_test")
+              for r in json.loads((project / f"out/{name}.json").read_text())}
+    assert {p for p in first if first[p] != second[p]} == {target}
+
+
+def test_label_length_histogram_counts_long_labels(project):
+    rows = raw_rows(project, 8)
+    rows[0]["ocr_results"] = "長" * 300 + "\n" + "page" * 20     # a page, not a line
+    assert split(project, write_raw(project, rows), "--group-by", "none").returncode == 0
+    csv_rows = (project / "plots/label_lengths.csv").read_text().splitlines()
+    assert any(line.endswith(",381,1") for line in csv_rows)
+    assert (project / "plots/label_lengths.png").stat().st_size > 0

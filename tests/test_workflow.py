@@ -9,6 +9,7 @@ Everything runs the real stage code through DVC; only the sizes in params.yaml a
 import hashlib
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -20,7 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, SERIF, make_rows
+from stages.lib.synthetic import render_line
 
 BIN = Path(sys.executable).parent
 DVC = shutil.which("dvc", path=str(BIN)) or shutil.which("dvc")
@@ -42,8 +44,10 @@ def shrink(params):
     params["base"].update(pretrain_lines=108, pretrain_steps=4, pretrain_batch_size=8)
     params.update(num_train_epochs=2, per_device_train_batch_size=8, eval_steps=2, logging_steps=1,
                   val_ratio=0.2, warmup_ratio=0.0, lora_r=16, backend="transformers")
+    # the space covers lora_r, as the default one does: `-S lora_r=...` must still train with that value
     params["search"].update(n_trials=N_TRIALS, mode="random", trial_overrides={"num_train_epochs": 1},
-                            space={"learning_rate": {"type": "loguniform", "low": 1.0e-3, "high": 1.0e-2}})
+                            space={"learning_rate": {"type": "loguniform", "low": 1.0e-3, "high": 1.0e-2},
+                                   "lora_r": {"type": "categorical", "choices": [4, 8]}})
     params["evaluate"].update(top_k=4, workers=2, max_tokens=24)
     params["score"]["bootstrap_samples"] = 50
     params["analyze"].update(top_n=5, worst_n=4, top_k_errors=5)
@@ -121,22 +125,27 @@ def digests(root, paths):
     return found
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("workflow") / "repo"
+def copy_project(root, adjust=shrink, with_lock=False):
+    """A fresh clone, as a user gets it: the tracked files (minus tests/bench/docs, and minus the outputs
+    of a repro in this checkout unless with_lock), params.yaml adjusted, git initialised and committed."""
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     skip = ("tests/", "bench/", "docs/", ".ci/")
     for rel in files:
-        # outputs of a repro in this checkout (dvc.lock, metrics, plots) are not copied: the project makes its own
-        if rel.startswith(skip) or rel == "dvc.lock" or rel.startswith(("metrics/", "plots/")):
+        if rel.startswith(skip) or (not with_lock and (rel == "dvc.lock" or rel.startswith(("metrics/", "plots/")))):
             continue
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, root / rel)
-    params = shrink(yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")))
+    params = adjust(yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")))
     (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
     p = Project(root)
     p.git("init", "-q", "-b", "main")
     p.commit("project")
+    return p
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    p = copy_project(tmp_path_factory.mktemp("workflow") / "repo")
     started = time.monotonic()
     p.dvc("repro", timeout=1800)
     p.repro_s = time.monotonic() - started
@@ -157,11 +166,13 @@ def r32(project):
 
 def test_exp_run_set_param_retrains_with_it(project, r32):
     out = r32["stdout"]
-    for stage in ("train", "merge", "evaluate", "normalize-score", "analyze"):
+    for stage in ("train", "merge", "evaluate@finetuned", "normalize-score", "analyze"):
         assert f"Running stage '{stage}'" in out, out
-    for stage in ("synth", "split", "base", "evaluate_base", "evaluate_tesseract"):
+    for stage in ("synth", "split", "base", "evaluate@base", "engine@tesseract"):
         assert f"Running stage '{stage}'" not in out
+    # what trained is what the table says, although the search space covers lora_r (its best is 4 or 8)
     assert project.json("models/lora/adapter_config.json")["r"] == 32
+    assert r32["after"]["trained_with"]["lora_r"] == 32 and r32["after"]["adapter_r"] == 32
     assert yaml.safe_load((project.root / "params.yaml").read_text(encoding="utf-8"))["lora_r"] == 32
     assert r32["after"]["eval_loss"] != r32["before"]["eval_loss"]
     exps = project.exps()
@@ -198,6 +209,8 @@ def test_queue_runs_two_experiments_in_parallel(project, r32):
     assert peak_running == 2, "the two experiments did not run at the same time:\n" + "\n".join(seen)
     runs = {e["params"]["lora_r"]: e for name, e in project.exps().items() if name != "r32"}
     assert {8, 16} <= set(runs), runs
+    # each experiment's adapter has the rank its params say (read from the saved adapter_config.json)
+    assert {r: runs[r]["metrics"]["metrics/train.json"]["adapter_r"] for r in (8, 16)} == {8: 8, 16: 16}
     losses = {r: runs[r]["metrics"]["metrics/train.json"]["eval_loss"] for r in (8, 16)}
     assert losses[8] != losses[16], losses
     shown = shown_lora_r(project)
@@ -266,7 +279,7 @@ def test_study_file_opens_with_optuna_and_the_dashboard(project):
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{project.root / 'models/search/study.db'}")
     assert len(study.trials) == N_TRIALS
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
-    assert {"learning_rate"} == set(study.best_trial.params)
+    assert {"learning_rate", "lora_r"} == set(study.best_trial.params)
     dashboard = shutil.which("optuna-dashboard", path=str(BIN))
     if dashboard is None:
         pytest.skip("optuna-dashboard is not installed (requirements.txt pins it)")
@@ -294,3 +307,96 @@ def test_study_file_opens_with_optuna_and_the_dashboard(project):
         server.wait(timeout=30)
     # looking at the study does not modify the DVC-tracked file
     assert project.dvc("status").stdout.strip().startswith("Data and pipelines are up to date")
+
+
+# ---------------------------------------------------------------- fresh clones
+
+def without_search(params):
+    params = shrink(params)
+    params["search"]["n_trials"] = 0
+    return params
+
+
+def assert_search_skipped(p, output):
+    assert "search skipped (n_trials 0)" in output, output
+    best = p.json("models/search/best_params.json")
+    assert best["skipped"] is True and best["params"] == {}
+    trials = p.root / "models/search/trials"
+    assert trials.is_dir() and not any(trials.iterdir())
+
+
+def test_skipping_the_search_works_through_dvc_repro_on_a_fresh_clone(tmp_path):
+    p = copy_project(tmp_path / "repo", without_search)
+    done = p.dvc("repro", "search", timeout=900)
+    assert_search_skipped(p, done.stdout + done.stderr)
+    assert "search" not in p.dvc("status", "search").stdout.replace("Data and pipelines are up to date", "")
+    # and `--apply-best` says there is nothing to apply, in one line
+    applied = p.run(sys.executable, "-m", "stages.search", "--apply-best", check=False)
+    assert applied.returncode == 2 and "the search was skipped" in applied.stderr
+    assert len(applied.stderr.strip().splitlines()) == 1
+
+
+def test_skipping_the_search_works_through_dvc_exp_run_on_a_fresh_clone(tmp_path):
+    p = copy_project(tmp_path / "repo", without_search)
+    done = p.dvc("exp", "run", "search", timeout=900)
+    assert "Running stage 'search'" in done.stdout
+    assert_search_skipped(p, done.stdout + done.stderr)
+
+
+def readme_block(section):
+    """The first ```bash block of the README section titled `section` (the user's commands, as written)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    body = text[text.index(f"## {section}"):]
+    body = body[:body.index("\n## ", 1)] if "\n## " in body[1:] else body
+    block = body[body.index("```bash") + len("```bash"):]
+    return [line.strip() for line in block[:block.index("```")].splitlines() if line.strip()]
+
+
+def user_data(root, n_docs=10, lines=5):
+    """Their data: folders of rendered lines (one folder = one document) and ocr.json in the original format."""
+    rows = []
+    for d in range(n_docs):
+        for row in make_rows(root / "data/raw_data/images" / f"doc{d:02d}", lines, seed=d + 100):
+            rows.append({"img_path": str(Path(row["image_path"]).relative_to(root)), "ocr_results": row["ocr_text"]})
+    (root / "data/raw_data/ocr.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return rows
+
+
+def test_readme_own_data_steps_leave_git_and_dvc_clean_and_pixels_are_versioned(tmp_path):
+    p = copy_project(tmp_path / "repo", with_lock=True)        # a clone: dvc.lock of the default run included
+    user_data(p.root)
+    steps = readme_block("Bring your own data")
+    assert steps[0].startswith("dvc remove synth") and any(s.startswith("dvc repro") for s in steps)
+    for step in steps:
+        p.run("bash", "-c", step, timeout=1800)
+    assert p.git("status", "--porcelain").stdout == ""
+    assert p.dvc("status").stdout.strip().startswith("Data and pipelines are up to date")
+
+    # One test image gets new pixels (same path, same label); `dvc add data/raw_data && dvc repro`.
+    top_k = yaml.safe_load((p.root / "params.yaml").read_text(encoding="utf-8"))["evaluate"]["top_k"]
+    evaluated = p.json("data/input/ocr_test.json")[:top_k]
+    target = evaluated[1]
+    runs = ("finetuned", "base", "tesseract")
+    before = {run: p.json(f"results/{run}.json") for run in runs}
+    score_before = p.json("metrics/score.json")
+    render_line("ABC123", SERIF, 24, 128, random.Random(5)).save(p.root / target["image_path"])
+    done = p.run("bash", "-c", "dvc add data/raw_data && dvc repro", timeout=1800)
+    for stage in ("split", "evaluate@finetuned", "evaluate@base", "engine@tesseract", "normalize-score"):
+        assert f"Running stage '{stage}'" in done.stdout, done.stdout
+    for stage in ("base", "train", "search", "merge"):   # a test image: nothing trained on it
+        assert f"Running stage '{stage}'" not in done.stdout, done.stdout
+    for run in runs:
+        after = p.json(f"results/{run}.json")
+        assert after["evaluated_this_run"] == 1, (run, after["evaluated_this_run"])   # only the changed image
+        old = {s["image_path"]: s for s in before[run]["samples"]}
+        new = {s["image_path"]: s for s in after["samples"]}
+        assert new[target["image_path"]]["image_sha256"] != old[target["image_path"]]["image_sha256"]
+        for path, sample in new.items():
+            if path != target["image_path"]:
+                assert sample["prediction"] == old[path]["prediction"], (run, path)   # kept by resume
+    tess_old = {s["image_path"]: s for s in before["tesseract"]["samples"]}[target["image_path"]]
+    tess_new = {s["image_path"]: s for s in p.json("results/tesseract.json")["samples"]}[target["image_path"]]
+    assert tess_new["prediction"] != tess_old["prediction"]          # Tesseract read the new pixels
+    assert p.json("metrics/score.json")["baselines"]["tesseract"] != score_before["baselines"]["tesseract"]
+    # an unchanged image is never predicted again: a second repro does nothing
+    assert p.dvc("status").stdout.strip().startswith("Data and pipelines are up to date")

@@ -316,7 +316,7 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
 
-    from .io import atomic_dir
+    from .io import atomic_dir, read_json
     from .metrics import corpus_cer
     from .modeling import generation_budget, read_images
 
@@ -390,6 +390,8 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
     with atomic_dir(output_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        saved = read_json(Path(tmp) / "adapter_config.json")   # what the artifact says, not what we asked for
+        metrics.update(adapter_r=saved.get("r"), adapter_lora_alpha=saved.get("lora_alpha"))
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return metrics
 
