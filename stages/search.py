@@ -165,6 +165,15 @@ def join(args, params):
                  trials_dir=Path(args.base_output_dir) / "trials", worker=name)
 
 
+def yaml_float(value):
+    """repr(value), written so that every YAML 1.1 reader takes it for a float (2.0e-04, not 2e-04)."""
+    text = repr(float(value))
+    if "e" in text and "." not in text.split("e")[0]:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}.0e{exponent}"
+    return text
+
+
 def apply_best(best_path=BEST_PARAMS, params_path=P.PARAMS_FILE):
     """Write the study's best values into params.yaml (comments and order kept); print what changed."""
     from ruamel.yaml import YAML
@@ -179,6 +188,10 @@ def apply_best(best_path=BEST_PARAMS, params_path=P.PARAMS_FILE):
         raise UserError(f"{best_path}: the search was skipped (search.n_trials 0): no values to apply")
     yaml = YAML()   # round-trip: the file keeps its comments, order and quoting
     yaml.preserve_quotes = True
+    yaml.width = 4096   # no re-wrapping of long lines
+    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    # a float with a dot and an exponent: PyYAML (our reader) takes 1e-05 for a string
+    yaml.representer.add_representer(float, lambda r, v: r.represent_scalar("tag:yaml.org,2002:float", yaml_float(v)))
     with open(params_path, encoding="utf-8") as f:
         doc = yaml.load(f)
     training_config({**doc, **best["params"]})   # the result must be a valid config before anything is written

@@ -22,7 +22,7 @@ def small_config(**overrides):
     values = dict(num_train_epochs=1.0, per_device_train_batch_size=4, eval_steps=2, logging_steps=1,
                   learning_rate=5.0e-3, warmup_ratio=0.0, backend="transformers", val_ratio=0.25)
     values.update(overrides)
-    return training_config(load_params(ROOT / "params.yaml"), values)
+    return training_config(load_params(path=ROOT / "params.yaml"), values)
 
 
 def collated(processor, rows):
@@ -190,17 +190,35 @@ def test_cpu_refuses_what_it_cannot_run():
         choose_backend(small_config(load_in_4bit=True))
 
 
-def test_train_takes_the_searched_values_only_when_the_search_ran(tmp_path):
-    from stages.train import searched_values
+def test_apply_best_writes_the_study_values_into_params_yaml(tmp_path, monkeypatch, capsys):
+    """The one step from search to training: params.yaml gets the best values (comments kept);
+    train itself reads params.yaml only."""
+    import yaml
 
-    best = tmp_path / "best_params.json"
-    params = {"search": {"n_trials": 6}}
-    assert searched_values(params, best) == {}  # no file yet: params.yaml alone
-    best.write_text(json.dumps({"params": {"lora_r": 32, "learning_rate": 4.0e-3}, "skipped": False}))
-    assert searched_values(params, best) == {"lora_r": 32, "learning_rate": 4.0e-3}
-    assert searched_values({"search": {"n_trials": 0}}, best) == {}
-    best.write_text(json.dumps({"params": {}, "skipped": True}))
-    assert searched_values(params, best) == {}
-    best.write_text(json.dumps({"params": {"lora_rank": 8}}))
-    with pytest.raises(UserError, match="lora_rank"):
-        searched_values(params, best)
+    from stages import search
+
+    monkeypatch.chdir(tmp_path)
+    original = (ROOT / "params.yaml").read_text(encoding="utf-8")
+    Path("params.yaml").write_text(original, encoding="utf-8")
+    Path("models/search").mkdir(parents=True)
+    best = {"params": {"lora_r": 32, "learning_rate": 0.0039901784}, "trial": 2, "value": 0.0501,
+            "objective": "eval_loss", "study_name": "ocr-lora", "skipped": False}
+    Path("models/search/best_params.json").write_text(json.dumps(best))
+    search.main(["--apply-best"])
+    text = Path("params.yaml").read_text(encoding="utf-8")
+    params = yaml.safe_load(text)
+    assert params["lora_r"] == 32 and params["learning_rate"] == 0.0039901784
+    assert isinstance(params["learning_rate"], float)
+    assert "# LoRA" not in original or "# LoRA" in text
+    kept = [line for line in original.splitlines() if line.lstrip().startswith("#")]
+    assert all(line in text for line in kept)                       # every comment line is still there
+    changed = [(a, b) for a, b in zip(original.splitlines(), text.splitlines()) if a != b]
+    assert len(changed) == 2 and all(b.startswith(("lora_r:", "learning_rate:")) for _, b in changed), changed
+    assert "lora_r 16 -> 32" in capsys.readouterr().out
+    # a value the config refuses is refused before anything is written
+    best["params"] = {"lora_r": 0}
+    Path("models/search/best_params.json").write_text(json.dumps(best))
+    before = Path("params.yaml").read_bytes()
+    with pytest.raises(UserError, match="'lora_r' must be >= 1"):
+        search.main(["--apply-best"])
+    assert Path("params.yaml").read_bytes() == before
