@@ -10,6 +10,7 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
@@ -119,3 +120,27 @@ def test_training_refuses_rows_longer_than_the_context_before_loading_the_model(
     with pytest.raises(UserError, match=r"3 of 3 .* longer than max_seq_length, 100 tokens"):
         check_row_lengths(pages["model"], pages["rows"], dict(config, max_seq_length=100))
     check_row_lengths(pages["model"], pages["rows"], config)   # these fit
+
+
+def test_an_unreadable_image_fails_its_sample_without_a_request_and_names_the_server_log(pages, tmp_path):
+    """A file that passes the header check but cannot be decoded (a truncated scan): the client fails
+    that sample before sending anything; the others are evaluated; the server's log is kept and named."""
+    broken = tmp_path / "truncated.png"
+    broken.write_bytes(open(pages["rows"][0]["image_path"], "rb").read()[:200])
+    rows = pages["rows"][:1] + [{"image_path": str(broken), "ocr_text": "x"}]
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "out.json"
+    done = subprocess.run([sys.executable, "-m", "stages.evaluate", "--model-dir", str(pages["model"]),
+                           "--engine", "transformers", "--data-file", str(data), "--output-file", str(out),
+                           "--workers", "1", "--max-failure-rate", "0.5"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    failed = doc["samples"][1]
+    assert failed["prediction"] is None and failed["error"].startswith("image unreadable") and failed["attempts"] == 1
+    assert doc["failed_count"] == 1 and doc["overall_cer"] is not None
+    line = next(l for l in done.stderr.splitlines() if "the server's log:" in l)
+    log = line.rsplit("the server's log: ", 1)[1].strip()
+    assert log.endswith(".log") and Path(log).is_file()
+    Path(log).unlink()
