@@ -8,7 +8,6 @@ of every figure, as in scoring. No torch import; rapidfuzz does the edit operati
 import base64
 import html
 from collections import Counter
-from pathlib import Path
 
 from rapidfuzz.distance import Levenshtein
 
