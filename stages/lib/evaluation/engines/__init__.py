@@ -13,7 +13,7 @@ the engine it runs.
 """
 import importlib
 
-ENGINES = ("tesseract",)
+ENGINES = ("tesseract", "paddleocr")
 
 
 def load_engine(name):
