@@ -2,18 +2,22 @@
 
     python -m bench.bench_score [--samples 200000] [--repeats 3]
 
-Generates (untimed, seeded) an evaluation output of N (label, prediction) pairs of up to 40
-characters: CJK, digits, Latin, ASCII and CJK punctuation, full-width forms, spaces, symbols;
-predictions are noisy copies (exact, dropped/substituted/inserted characters, half/full-width
-swaps, scrambled, empty) and 0.5% are failed requests. Then times, as separate processes
+Two cases, each an evaluation output of N (label, prediction) pairs generated untimed and seeded:
+  receipt-like  labels of up to 40 characters: CJK, digits, Latin, ASCII and CJK punctuation,
+                full-width forms, spaces, symbols
+  marks         the same, but a third of the labels are Latin/Vietnamese-like lines with
+                combining marks (decomposed accents, two marks on a letter, kana with a
+                combining voicing mark: NFC has work to do), the prediction often precomposed
+Predictions are noisy copies (exact, dropped/substituted/inserted characters, half/full-width
+swaps, scrambled, empty) and 0.5% are failed requests. Per case, times as separate processes
 started the same way, interleaved, best of --repeats:
   ours      python -m stages.score --input F --output G  (params.yaml: 1000 bootstrap resamples)
   original  the original count_score: regex normalization, jiwer.cer per sample, Counter F1,
             jiwer.cer over the whole list for the overall figure, json load/dump
   bare      read F (orjson), normalize with stages.lib.metrics, sum rapidfuzz Levenshtein
             distances over the same scored pairs, print the corpus CER (no F1, nothing written)
-and prints original/ours (target >= 10) and ours/bare (target <= 2), for wall-clock time and
-for CPU time (user + system of the child, steadier when other jobs share the machine).
+and prints, per case, original/ours (target >= 10) and ours/bare (target <= 2), for wall-clock
+time and for CPU time (user + system of the child, steadier when other jobs share the machine).
 """
 import argparse
 import json
@@ -24,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import unicodedata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +37,13 @@ HALF = string.digits + string.ascii_letters
 FULL = "".join(chr(ord(c) + 0xFEE0) for c in HALF + "!?%()")
 PUNCT = "，。！？「」、：；（）…—·" + ".,-:/()%$#"
 POOL = CJK * 4 + HALF + FULL + PUNCT + "  ¥©→"
+# The second case: text with combining marks (decomposed accents, Vietnamese with one or two
+# marks, kana with a combining voicing mark, a mark that composes with nothing), and precomposed
+# letters beside them. Each item is one visible letter; NFC composes all but the last two items.
+MARKED = ["e\u0301", "a\u0300", "o\u0302", "u\u0308", "n\u0303", "c\u0327", "e\u0302\u0301",
+          "o\u031b\u0323", "a\u0306\u0303", "u\u031b\u0300", "か\u3099", "ハ\u309a", "x\u0301", "a\u0316"]
+PRECOMPOSED = "éàôüñçếợẵừđươ"
+LATIN = string.ascii_lowercase * 2 + PRECOMPOSED + " " * 6 + string.digits + ".,-:"
 
 
 # ---------------------------------------------------------------- data (not timed)
@@ -61,14 +73,29 @@ def noisy_copy(label, rng):
     return "".join(out)
 
 
-def make_evaluation(n, seed=0):
+def marked_label(rng):
+    """A Latin/Vietnamese-like line holding at least one combining mark (up to ~40 letters)."""
+    items = [rng.choice(MARKED) if rng.random() < 0.15 else rng.choice(LATIN) for _ in range(rng.randint(0, 39))]
+    items.insert(rng.randint(0, len(items)), rng.choice(MARKED))
+    return "".join(items)
+
+
+def make_evaluation(n, seed=0, marks=False):
+    """N samples; with `marks`, about a third of the labels (and of the predictions, copied from
+    them) carry combining marks, so that NFC has work to do."""
     rng = random.Random(seed)
     samples = []
     for i in range(n):
         # a CJK first character: the original's way crashes on a reference that normalizes to empty
-        label = rng.choice(CJK) + "".join(rng.choice(POOL) for _ in range(rng.randint(0, 39)))
+        if marks and rng.random() < 1 / 3:
+            label = rng.choice(CJK) + marked_label(rng)
+            # an OCR model often writes the precomposed letter where the label has a mark
+            prediction = noisy_copy(unicodedata.normalize("NFC", label) if rng.random() < 0.3 else label, rng)
+        else:
+            label = rng.choice(CJK) + "".join(rng.choice(POOL) for _ in range(rng.randint(0, 39)))
+            prediction = noisy_copy(label, rng)
         sample = {"image_path": f"data/raw_data/images/{i // 10:05d}/line_{i:06d}.png", "label": label,
-                  "prediction": noisy_copy(label, rng), "cer_score": 0.0, "f1_score": 0.0,
+                  "prediction": prediction, "cer_score": 0.0, "f1_score": 0.0,
                   "latency_s": round(rng.uniform(0.05, 0.5), 4), "completion_tokens": len(label) + 1}
         if rng.random() < 0.005:
             sample.update(prediction=None, cer_score=None, f1_score=None, error="HTTP 503")
@@ -138,10 +165,13 @@ def timed(cmd):
     return wall, cpu, done.stdout
 
 
-def run_bench(n, repeats):
+CASES = {"receipt-like": False, "marks": True}  # case name: make_evaluation's `marks`
+
+
+def run_bench(n, repeats, marks=False):
     with tempfile.TemporaryDirectory(prefix="bench_score_") as tmp:
         data = Path(tmp) / "evaluation.json"
-        data.write_text(json.dumps(make_evaluation(n), ensure_ascii=False, indent=2), encoding="utf-8")
+        data.write_text(json.dumps(make_evaluation(n, marks=marks), ensure_ascii=False, indent=2), encoding="utf-8")
         commands = {
             "ours": [sys.executable, "-m", "stages.score", "--input", str(data), "--output", f"{tmp}/ours.json"],
             "original": [sys.executable, "-m", "bench.bench_score", "--child", "original", str(data), f"{tmp}/orig.json"],
@@ -171,13 +201,19 @@ def main(argv=None):
     if args.child == "bare":
         return bare_way(*args.paths)
 
-    wall, cpu = run_bench(args.samples, args.repeats)
     print(f"bench_score: {args.samples} pairs, whole process, best of {args.repeats} runs each")
-    for label, t in (("wall", wall), ("cpu ", cpu)):
-        speedup, overhead = t["original"] / t["ours"], t["ours"] / t["bare"]
-        print(f"  {label}: ours {t['ours']:.2f} s, original's way {t['original']:.2f} s, bare loop {t['bare']:.2f} s"
-              f" | original/ours {speedup:.1f}x (target >= 10: {'met' if speedup >= 10 else 'MISSED'}),"
-              f" ours/bare {overhead:.2f}x (target <= 2: {'met' if overhead <= 2 else 'MISSED'})")
+    for case, marks in CASES.items():
+        wall, cpu = run_bench(args.samples, args.repeats, marks)
+        print(f" {case}:")
+        for label, t in (("wall", wall), ("cpu ", cpu)):
+            report(label, t)
+
+
+def report(label, t):
+    speedup, overhead = t["original"] / t["ours"], t["ours"] / t["bare"]
+    print(f"  {label}: ours {t['ours']:.2f} s, original's way {t['original']:.2f} s, bare loop {t['bare']:.2f} s"
+          f" | original/ours {speedup:.1f}x (target >= 10: {'met' if speedup >= 10 else 'MISSED'}),"
+          f" ours/bare {overhead:.2f}x (target <= 2: {'met' if overhead <= 2 else 'MISSED'})")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """stages/lib/metrics.py: every rule of the definitions, with values worked out by hand."""
 import random
+import string
 import unicodedata
 from collections import Counter
 
@@ -25,7 +26,9 @@ def scored(pairs, bootstrap_samples=0, seed=0):
     (" a\tb\nc\u00a0d\u2003e ", "abcde"),           # every whitespace, no-break and em space too
     ("「你好」，世界。、…—〜・《》【】", "你好世界"),  # CJK punctuation (categories P*)
     ("¥100 ©→ %$#", "¥100©→"),                      # symbols kept unless in string.punctuation
-    ("￥５", "￥5"),                                 # U+FFE5 is outside U+FF01..FF5E: kept as is
+    ("￥５", "¥5"),                                  # full-width yen folds to ¥ (a symbol, kept)
+    ("￥１，２００", "¥1200"),                       # ... beside full-width digits and comma
+    ("￨￩", "￨￩"),                                  # half-width forms U+FFE8.. are not folded
     ("AbC", "AbC"),                                 # case kept
     ("ﬁ①㎏", "ﬁ①㎏"),                               # no NFKC: ligature, circled digit, unit kept
     ("x\u200by", "x\u200by"),                       # zero-width space is not whitespace
@@ -38,11 +41,67 @@ def test_normalize(text, expected):
     assert M.normalize(text) == expected
 
 
+@pytest.mark.parametrize("wide, narrow", [
+    ("\uffe0", "\u00a2"),   # ￠ -> ¢ CENT SIGN (Sc)
+    ("\uffe1", "\u00a3"),   # ￡ -> £ POUND SIGN (Sc)
+    ("\uffe2", "\u00ac"),   # ￢ -> ¬ NOT SIGN (Sm)
+    ("\uffe3", "\u00af"),   # ￣ -> ¯ MACRON (Sk); NFKC would give " \u0304"
+    ("\uffe4", "\u00a6"),   # ￤ -> ¦ BROKEN BAR (So)
+    ("\uffe5", "\u00a5"),   # ￥ -> ¥ YEN SIGN (Sc)
+    ("\uffe6", "\u20a9"),   # ￦ -> ₩ WON SIGN (Sc)
+])
+def test_fullwidth_symbols_fold_and_are_kept(wide, narrow):
+    # Each target is a symbol, not punctuation and not in string.punctuation, so it survives.
+    assert unicodedata.decomposition(wide) == f"<wide> {ord(narrow):04X}"
+    assert not unicodedata.category(narrow).startswith("P") and narrow not in string.punctuation
+    assert M.normalize(wide) == narrow
+    assert M.normalize(f"1 {wide}、2") == f"1{narrow}2"
+    assert M.normalize_many([wide, f"a{wide}"]) == [narrow, f"a{narrow}"]
+    assert M.cer(M.normalize(f"{narrow}100"), M.normalize(f"{wide}１００")) == 0.0
+
+
 def test_normalize_composes_nfc():
     decomposed = "e\u0301"  # e + combining acute
     assert M.normalize(decomposed) == "\u00e9"
     assert len(M.normalize("Cafe\u0301")) == 4
     assert M.cer(M.normalize("caf\u00e9"), M.normalize("cafe\u0301")) == 0.0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Vie\u0302\u0323t Nam", "Vi\u1ec7tNam"),      # two marks: e + circumflex + dot below = ệ
+    ("\u00ea\u0323", "\u1ec7"),                    # a precomposed ê takes the dot below too: ệ
+    ("\u304b\u3099\u30cf\u309a", "\u304c\u30d1"),   # kana + combining (semi-)voicing mark = がパ
+    ("\u1100\u1161\u11a8", "\uac01"),              # conjoining jamo = the syllable 각
+    ("\uac00\u11a8", "\uac01"),                     # a syllable takes a final jamo: 가 + ᆨ = 각
+    ("a\u0301\u0316", "\u00e1\u0316"),              # marks reordered, then a + acute composed
+    ("\u212b\u2126", "\u00c5\u03a9"),               # singletons: angstrom and ohm signs
+    ("\u0301e", "\u0301e"),                         # a leading mark has nothing to compose with
+    ("x\u0301", "x\u0301"),                         # no precomposed x́: kept as two
+    ("\u0915\u093c", "\u0915\u093c"),               # क + nukta stays two (क़ U+0958 is excluded)...
+    ("\u0958\u0915", "\u0915\u093c\u0915"),          # ... and U+0958 decomposes: NFC lengthens it
+    ("中\u0301，\uff25\u0301", "中\u0301E\u0301"),     # full-width Ｅ folds after NFC, no composing
+])
+def test_normalize_nfc_hand_checked(text, expected):
+    assert M.normalize(text) == expected
+    # In a block, beside texts NFC changes and texts it leaves (the windows of nfc_windows).
+    texts = ["e\u0301", text, "中文", text, "\u0301"]
+    assert M.normalize_many(texts) == ["\u00e9", expected, "中文", expected, "\u0301"]
+
+
+def test_nfc_may_change_flags_every_character_that_composes_with_the_one_before():
+    # nfc_windows leaves alone whatever is not flagged: every character that can be the second of
+    # a canonical pair (Unicode's decompositions, all of them) must be flagged, and the Hangul
+    # vowels and final consonants (composed by rule). The everyday ones must not be.
+    seconds = set()
+    for code in range(0x110000):
+        parts = unicodedata.decomposition(chr(code)).split()
+        if len(parts) == 2 and not parts[0].startswith("<"):
+            seconds.add(int(parts[1], 16))
+    seconds |= set(range(0x1161, 0x1176)) | set(range(0x11A8, 0x11C3))
+    assert len(seconds) > 100
+    assert [hex(c) for c in sorted(seconds) if not M.nfc_may_change(chr(c))] == []
+    assert [c for c in "a1 中é가か，Ａ¥😀" if M.nfc_may_change(c)] == []
+    assert all(M.nfc_may_change(c) for c in "\u0301\u0316\u3099\u09be\u212b\u0958")
 
 
 def test_table_matches_a_full_scan_of_unicode():
@@ -74,19 +133,50 @@ def test_normalize_many_over_all_of_unicode_and_several_blocks():
     assert M.normalize_many(texts[:10]) == [M.normalize(t) for t in texts[:10]]  # the array filled in
 
 
+def literal(text):
+    """A slow, literal reading of the definition: NFC of the whole text, fold, then drop
+    whitespace and punctuation, one character at a time."""
+    text = unicodedata.normalize("NFC", text)
+    symbols = {"￠": "¢", "￡": "£", "￢": "¬", "￣": "¯", "￤": "¦", "￥": "¥", "￦": "₩"}
+    folded = []
+    for c in text:
+        if 0xFF01 <= ord(c) <= 0xFF5E:
+            c = chr(ord(c) - 0xFEE0)
+        elif c == "\u3000":
+            c = " "
+        c = symbols.get(c, c)
+        if not (c.isspace() or c in string.punctuation or unicodedata.category(c).startswith("P")):
+            folded.append(c)
+    return "".join(folded)
+
+
 def test_normalize_matches_a_per_character_definition():
-    # A slow, literal reading of the definition: NFC, fold, then drop whitespace/punctuation.
-    def literal(text):
-        text = unicodedata.normalize("NFC", text)
-        text = "".join(chr(ord(c) - 0xFEE0) if 0xFF01 <= ord(c) <= 0xFF5E else " " if c == "\u3000" else c
-                       for c in text)
-        return "".join(c for c in text if not M.is_removed(c))
     rng = random.Random(3)
     pool = [chr(c) for c in range(0x20, 0x250)] + [chr(c) for c in range(0x3000, 0x3040)] + \
-           [chr(c) for c in range(0xFF00, 0xFF70)] + ["\U0001F600", "\u0301", "中", "\U0001E95E"]
+           [chr(c) for c in range(0xFF00, 0xFF70)] + [chr(c) for c in range(0xFFE0, 0xFFF0)] + \
+           ["\U0001F600", "\u0301", "中", "\U0001E95E"]
     for _ in range(500):
         text = "".join(rng.choice(pool) for _ in range(rng.randint(0, 30)))
         assert M.normalize(text) == literal(text), text
+
+
+def test_normalize_many_on_mixed_nfc_and_non_nfc_texts():
+    # NFC is applied text by text, and only where the quick check finds work: texts with and
+    # without combining marks, in blocks that hold both, must all match the literal definition.
+    rng = random.Random(4)
+    marked = ["e\u0301", "o\u031b\u0323", "e\u0302\u0301", "\u304b\u3099", "\u1100\u1161", "\u11a8",
+              "a\u0301\u0316", "\u0301", "\u212b", "\u0958", "x\u0301", "a\u0316", "\uffe5\u0301"]
+    plain = list("abc 中文，。ＡＢ１２\u3000！éệが각") + ["\U0001F600", "\uffe3"]
+    texts = []
+    for _ in range(3 * M.BLOCK + 11):
+        pool = plain + marked if rng.random() < 1 / 3 else plain
+        texts.append("".join(rng.choice(pool) for _ in range(rng.randint(0, 20))))
+    nfc = [unicodedata.is_normalized("NFC", t) for t in texts]
+    assert 0.1 < nfc.count(False) / len(texts) < 0.5          # both kinds, mixed within blocks
+    assert all(False in nfc[i:i + M.BLOCK] and True in nfc[i:i + M.BLOCK] for i in range(0, len(texts), M.BLOCK))
+    expected = [literal(t) for t in texts]
+    assert M.normalize_many(texts) == expected
+    assert [M.normalize(t) for t in texts] == expected
 
 
 # ---------------------------------------------------------------- per sample

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -206,11 +207,22 @@ def test_cer_histogram_bins_exact_tenths():
         (1, 1, 1, 1, 1, 2)
 
 
-def test_bench_runs_and_bare_loop_scores_the_same_pairs():
-    # `make bench` at a tiny size: the three ways run, and the bench's own check that the bare
-    # loop's corpus CER equals ours passes (it exits otherwise).
+@pytest.mark.parametrize("marks", [False, True])
+def test_bench_runs_and_bare_loop_scores_the_same_pairs(marks):
+    # `make bench` at a tiny size, both cases: the three ways run, and the bench's own check that
+    # the bare loop's corpus CER equals ours passes (it exits otherwise).
     from bench.bench_score import run_bench
 
-    wall, cpu = run_bench(300, 1)
+    wall, cpu = run_bench(300, 1, marks)
     assert set(wall) == set(cpu) == {"ours", "original", "bare"}
     assert all(t > 0 for t in wall.values())
+
+
+def test_bench_marks_case_needs_nfc_in_about_a_third_of_the_texts():
+    from bench.bench_score import make_evaluation
+
+    for marks in (False, True):
+        samples = [s for s in make_evaluation(3000, marks=marks)["samples"] if not s.get("error")]
+        texts = [s["label"] for s in samples] + [s["prediction"] for s in samples]
+        share = sum(not unicodedata.is_normalized("NFC", t) for t in texts) / len(texts)
+        assert (0.2 < share < 0.45) if marks else share == 0, (marks, share)

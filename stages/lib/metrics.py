@@ -4,14 +4,17 @@ Exact definitions (the README copies this section)
 --------------------------------------------------
 normalize(s)
     1. Unicode NFC.
-    2. Full-width ASCII forms U+FF01..U+FF5E become U+0021..U+007E, and U+3000 (ideographic
-       space) becomes a space. No global NFKC (it would also change circled digits, units, ...).
+    2. Full-width ASCII forms U+FF01..U+FF5E become U+0021..U+007E, U+3000 (ideographic space)
+       becomes a space, and the full-width symbols U+FFE0..U+FFE6 ￠￡￢￣￤￥￦ become ¢£¬¯¦¥₩
+       (their <wide> decompositions; ￣ becomes ¯, not NFKC's space + combining macron). No global
+       NFKC (it would also change circled digits, units, ...).
     3. Remove every whitespace character (those for which Python's `str.isspace()` is true;
        zero-width characters such as U+200B are not whitespace and are kept).
     4. Remove every character of Python's `string.punctuation` and every character whose Unicode
        category starts with "P" (CJK punctuation such as ，。「」、 included).
     Case is kept. Symbols that are not punctuation (¥ © → ...) are kept, except those in
-    `string.punctuation` ($ % + < = > ^ ` | ~ and their full-width forms are removed).
+    `string.punctuation` ($ % + < = > ^ ` | ~ and their full-width forms are removed); the seven
+    folded symbols ¢£¬¯¦¥₩ are all kept (categories Sc/Sm/Sk/So, none in string.punctuation).
     Lengths are counted in code points (an emoji is 1; a ZWJ emoji sequence is several).
 
 Per sample, on the normalized reference r and prediction p (d = Levenshtein distance, unit costs):
@@ -51,6 +54,9 @@ from rapidfuzz.distance import Indel, Levenshtein
 
 FULLWIDTH_FIRST, FULLWIDTH_LAST, FULLWIDTH_OFFSET = 0xFF01, 0xFF5E, 0xFEE0
 IDEOGRAPHIC_SPACE = 0x3000
+# The rest of the full-width block: Unicode's <wide> forms of these seven symbols (PP-OCRv6 writes
+# ￥ for ¥). Not an offset: their counterparts are scattered (₩ is U+20A9).
+FULLWIDTH_SYMBOLS = {ord(wide): ord(narrow) for wide, narrow in zip("￠￡￢￣￤￥￦", "¢£¬¯¦¥₩")}
 # Every whitespace and P* code point lies below U+20000 (planes 2-16 hold CJK extensions, tags
 # and private use; tests/test_metrics.py checks this against a full scan), so the table covers
 # planes 0-1 only and code points above it are kept as they are (str.translate's LookupError rule).
@@ -70,6 +76,8 @@ def translated(code):
         code -= FULLWIDTH_OFFSET
     elif code == IDEOGRAPHIC_SPACE:
         return None  # folds to a space, which is removed
+    elif code in FULLWIDTH_SYMBOLS:
+        code = FULLWIDTH_SYMBOLS[code]  # then kept: none of the seven is removed (see the docstring)
     return None if is_removed(chr(code)) else code
 
 
@@ -86,14 +94,19 @@ def translation_table():
     return build_table()  # built on first use (~0.02 s), then shared
 
 
+nfc = functools.partial(unicodedata.normalize, "NFC")
+
+
 def normalize(text):
     """The normalized form of `text` (see the module docstring)."""
-    return unicodedata.normalize("NFC", text).translate(translation_table())
+    return nfc(text).translate(translation_table())
 
 
-SEPARATOR = "\x00"  # kept by the table (not whitespace, not punctuation); a starter, so NFC never composes across it
+SEPARATOR = "\x00"  # kept by the table (not whitespace, not punctuation), so it splits the result back
 DELETE = 0xFFFFFFFF  # marks a deleted code point in the numpy lookup table
 UNSET = 0xFFFFFFFE  # marks a code point whose entry is not filled in yet
+PAD = sys.maxunicode + 1  # not a code point: fills the room a window shrank by under NFC; deleted
+NFC_UNSET = 2  # marks a code point whose nfc_may_change() is not filled in yet (else 0 or 1)
 # Texts (or pairs) handled together by normalize_many and common_counts. Blocks keep numpy's
 # temporary arrays small, so that the allocator reuses their memory from one block to the next:
 # on 200,000 texts at once, touching fresh memory (page faults) cost more than the work itself.
@@ -103,18 +116,40 @@ BLOCK = 1024
 @functools.cache
 def lookup_array():
     """translated() of every code point, as a numpy array for normalize_block (DELETE for removed
-    ones). normalize_block fills the entries in as texts use their code points, a few hundred in
-    practice: computing the 131,072 entries of translation_table() up front takes 0.02 s."""
+    ones, and for PAD). normalize_block fills the entries in as texts use their code points, a few
+    hundred in practice: computing the 131,072 entries of translation_table() up front takes 0.02 s."""
     import numpy as np
 
-    return np.full(sys.maxunicode + 1, UNSET, dtype=np.uint32)
+    table = np.full(PAD + 1, UNSET, dtype=np.uint32)
+    table[PAD] = DELETE
+    return table
+
+
+def nfc_may_change(char):
+    """False only for characters with NFC_Quick_Check=Yes and combining class 0: NFC leaves such
+    a character as it is and never composes it with, or reorders it around, the one before, so
+    text can be cut before it and each part normalized alone. True for the rest, and more: every
+    combining class but 0, what NFC changes on its own (singletons, composition exclusions), every
+    mark (category M*: the characters that compose with the one before them, a few of class 0
+    among them) and the Hangul jamo (composed by rule, not by the decomposition table).
+    tests/test_metrics.py checks this against every canonical decomposition."""
+    return (unicodedata.combining(char) != 0 or unicodedata.category(char).startswith("M")
+            or nfc(char) != char or 0x1100 <= ord(char) <= 0x11FF)
+
+
+@functools.cache
+def nfc_flag_array():
+    """nfc_may_change() of every code point as 0/1, filled in by nfc_windows as texts use them."""
+    import numpy as np
+
+    return np.full(sys.maxunicode + 1, NFC_UNSET, dtype=np.uint8)
 
 
 def normalize_many(texts):
-    """normalize() of every text, done a block of texts at a time: one NFC of the block's texts
-    joined, then the table applied as a numpy lookup on their UTF-32 code points. Same result as
-    normalize() per text; str.translate costs ~25 ns a character on CJK text, which made it
-    scoring's largest cost."""
+    """normalize() of every text, done a block of texts at a time: the block's texts joined, NFC
+    of the few spans where it can change anything (nfc_windows), then the table applied as a
+    numpy lookup on the UTF-32 code points. Same result as normalize() per text; str.translate
+    costs ~25 ns a character on CJK text, which made it scoring's largest cost."""
     texts = list(texts)
     normalized = []
     for start in range(0, len(texts), BLOCK):
@@ -128,9 +163,11 @@ def normalize_block(texts):
     joined = SEPARATOR.join(texts)
     if joined.count(SEPARATOR) != len(texts) - 1:  # a text holds the separator itself
         return [normalize(t) for t in texts]
-    if not unicodedata.is_normalized("NFC", joined):
-        joined = unicodedata.normalize("NFC", joined)
     code_points = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    code_points = nfc_windows(code_points)
+    if code_points is None:  # NFC lengthened a window (rare: U+0958 and the like): NFC each text
+        joined = SEPARATOR.join(map(nfc, texts))
+        code_points = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     table = lookup_array()
     mapped = table[code_points]
     unset = mapped == UNSET
@@ -142,6 +179,57 @@ def normalize_block(texts):
     kept = mapped[mapped != DELETE]
     # Decoded from the array's buffer: kept.tobytes() would copy the code points once more.
     return str(memoryview(kept), "utf-32-le", "surrogatepass").split(SEPARATOR)
+
+
+def nfc_windows(code_points):
+    """The code points of a joined block after NFC of each text, PAD where NFC shortened a text;
+    None when NFC would lengthen a window (normalize_block then normalizes whole texts).
+
+    NFC only changes a run of characters that nfc_may_change() flags, together with the character
+    just before it (which they may compose with): a window. Everything else stays as it is, so
+    only the windows are normalized, all of the block's in one call, and written back in place.
+    CPython's NFC of a text that needs it costs ~25 ns a character (~170 on CJK: its composition
+    step scans a table per character) where NFD costs ~2: on text with combining marks, NFC of
+    whole texts cost more than all the rest of normalization."""
+    import numpy as np
+
+    flags = nfc_flag_array()
+    flagged = flags[code_points]
+    unset = flagged == NFC_UNSET
+    if unset.any():  # code points not seen before
+        for code in np.unique(code_points[unset]).tolist():
+            flags[code] = nfc_may_change(chr(code))
+        flagged = flags[code_points]
+    marks = np.flatnonzero(flagged)
+    if len(marks) == 0:
+        return code_points
+    first = np.diff(marks, prepend=-2) > 1  # the first flagged character of each run
+    run_starts, ends = marks[first], marks[np.append(first[1:], True)] + 1
+    # A window starts one character before its run, unless the run starts a text (at the block's
+    # start or after a separator): a leading combining mark has nothing to compose with.
+    starts = run_starts - ((run_starts > 0) & (code_points[run_starts - 1] != 0))
+    lengths = ends - starts
+    # The windows, each followed by a separator (in the slot of the character after it): NFC of
+    # the whole is NFC of each window, as NFC never composes across the separator.
+    windows = np.append(code_points, np.uint32(0))[range_indices(starts, lengths + 1)]
+    windows[np.cumsum(lengths + 1) - 1] = 0
+    composed = nfc(str(memoryview(windows), "utf-32-le", "surrogatepass")).encode("utf-32-le", "surrogatepass")
+    composed = np.frombuffer(composed, dtype=np.uint32)
+    new_lengths = np.diff(np.flatnonzero(composed == 0), prepend=-1) - 1
+    if (new_lengths > lengths).any():
+        return None
+    result = code_points.copy()
+    result[range_indices(starts, lengths)] = PAD  # what a window shrank by stays PAD
+    result[range_indices(starts, new_lengths)] = composed[composed != 0]
+    return result
+
+
+def range_indices(starts, lengths):
+    """np.arange(start, start + length) of every (start, length), concatenated."""
+    import numpy as np
+
+    offsets = np.cumsum(lengths) - lengths
+    return np.repeat(starts - offsets, lengths) + np.arange(int(lengths.sum()))
 
 
 # ---------------------------------------------------------------- per sample
@@ -174,18 +262,22 @@ def block_common_counts(refs, preds):
     at = np.minimum(np.searchsorted(ref_keys, pred_keys), len(ref_keys) - 1)
     shared = ref_keys[at] == pred_keys
     smaller = np.minimum(ref_counts[at[shared]], pred_counts[shared])
-    pair = (pred_keys[shared] >> np.uint64(21)).astype(np.int64)
+    pair = (pred_keys[shared] >> np.uint32(21)).astype(np.int64)
     return np.bincount(pair, weights=smaller, minlength=len(refs)).astype(np.int64)
 
 
 def key_counts(texts):
     """(distinct sorted keys, how often each occurs) of the characters of `texts`, a key being
-    (text index << 21 | code point)."""
+    (text index << 21 | code point).
+
+    The keys are 32-bit: a block's text index is below BLOCK <= 2**11, so a key fits in 32 bits,
+    and numpy sorts 32-bit keys about twice as fast as 64-bit ones (the sort is the costliest step)."""
     import numpy as np
 
+    assert len(texts) <= 2 ** 11, "text index and code point must fit in 32 bits"
     lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
     code_points = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-    keys = np.repeat(np.arange(len(texts), dtype=np.uint64), lengths) << np.uint64(21) | code_points
+    keys = np.repeat(np.arange(len(texts), dtype=np.uint32), lengths) << np.uint32(21) | code_points
     keys.sort()
     if len(keys) == 0:
         return keys, np.zeros(0, dtype=np.int64)
