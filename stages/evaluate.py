@@ -39,7 +39,7 @@ from pathlib import Path
 from .lib import params as P
 from .lib.cli import UserError, run_main
 from .lib.evaluation.engines import ENGINES as OCR_ENGINES, load_engine
-from .lib.evaluation.client import ChatClient, SampleError, load_previous, run_samples
+from .lib.evaluation.client import ChatClient, load_previous, run_samples
 from .lib.images import ImageError, content_hash, page_count, split_ref
 from .lib.io import atomic_write_json, read_split
 from .lib.prompt import user_turn
@@ -275,7 +275,11 @@ def auto_max_tokens(folder, samples, instruction):
 
     from .lib.modeling import generation_budget
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as error:   # a folder without tokenizer files
+        raise UserError(f"{folder}: no tokenizer to measure the labels with for evaluate.max_tokens 'auto' "
+                        f"({type(error).__name__}); set evaluate.max_tokens to a number") from None
     budget, info = generation_budget(tokenizer, [s["label"] for s in samples], folder, instruction)
     print(f"evaluate: max_tokens auto = {budget} (longest label {info['longest_label_tokens']} tokens; "
           f"model context {info['context']})", file=sys.stderr)
@@ -291,7 +295,7 @@ def main(argv=None):
         engine = load_engine(args.engine)
         info = engine.identity(args.engine_settings)
         predict = engine.predictor(args.engine_settings, args.timeout)
-        name = " ".join(str(v) for k, v in info.items() if k not in ("version",))
+        name = " ".join([args.engine, *(f"{k}={v}" for k, v in args.engine_settings.items())])
         evaluate(args, samples, predict, info, name, info)
         return
     folder = None if args.url else model_folder(args.model_dir)

@@ -77,7 +77,7 @@ def test_sigkill_then_rerun_loses_and_duplicates_nothing(tiny_rows, tmp_path):
     out = tmp_path / "out.json"
     with Stub(answers_for(rows), delay_s=0.15) as stub:
         args = ["--vllm-url", f"{stub.url}/v1/chat/completions", "--model-name", MODEL, "--data-file", data,
-                "--output-file", out, "--workers", 2, "--save-interval", 2, "--top-k", "None"]
+                "--output-file", out, "--workers", 2, "--save-interval", 2, "--top-k", "None", "--max-tokens", 32]
         proc = subprocess.Popen(evaluate_cmd(*args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
         saved = []
@@ -110,7 +110,7 @@ def test_failed_fraction_above_the_limit_fails_the_stage(tiny_rows, tmp_path):
     out = tmp_path / "out.json"
     with Stub(answers_for(rows), {rows[1]["ocr_text"]: ["500"] * 10}) as stub:
         args = ["--vllm-url", stub.url, "--data-file", data, "--output-file", out, "--max-retries", 1,
-                "--timeout", 5, "--workers", 2]
+                "--timeout", 5, "--workers", 2, "--max-tokens", 32]
         line = one_line_error(run_evaluate(*args))
         assert "1 of 5 samples failed" in line and "HTTP 500" in line
         doc = json.loads(out.read_text(encoding="utf-8"))
@@ -138,12 +138,15 @@ def test_bad_input_gives_one_line_errors(tiny_rows, tmp_path):
 
     data = write_rows(tmp_path / "ok.json", rows)
     with Stub(answers_for(rows)) as stub:
-        line = one_line_error(run_evaluate("--vllm-url", stub.url, "--model-name", "gemma-12b",
+        line = one_line_error(run_evaluate("--vllm-url", stub.url, "--model-name", "gemma-12b", "--max-tokens", 32,
                                            "--data-file", data, "--output-file", tmp_path / "o.json"))
         assert "model 'gemma-12b' is not served by" in line and MODEL in line
         assert sum(stub.requests.values()) == 0
-    line = one_line_error(run_evaluate("--vllm-url", stub.url, "--data-file", data, "--output-file", tmp_path / "o.json"))
+    line = one_line_error(run_evaluate("--vllm-url", stub.url, "--max-tokens", 32, "--data-file", data,
+                                       "--output-file", tmp_path / "o.json"))
     assert "/v1/models: no usable answer" in line
+    line = one_line_error(run_evaluate("--vllm-url", stub.url, "--data-file", data, "--output-file", tmp_path / "o.json"))
+    assert "max_tokens 'auto' needs the model folder's tokenizer" in line   # no tokenizer to measure labels with
 
     line = one_line_error(run_evaluate("--model-dir", tmp_path, "--data-file", data, "--output-file", tmp_path / "o.json"))
     assert "not a model folder" in line
@@ -179,7 +182,7 @@ def test_sigterm_saves_progress_and_exits(tiny_rows, tmp_path):
     out = tmp_path / "out.json"
     with Stub(answers_for(rows), delay_s=0.2) as stub:
         proc = subprocess.Popen(evaluate_cmd("--vllm-url", stub.url, "--data-file", data, "--output-file", out,
-                                             "--workers", 1, "--save-interval", 100),
+                                             "--workers", 1, "--save-interval", 100, "--max-tokens", 32),
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         while sum(stub.requests.values()) < 3:
@@ -212,8 +215,12 @@ def test_vllm_engine_command_and_stop_strings(tiny_rows, tmp_path):
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_VLLM_ANSWERS=str(answers),
                FAKE_VLLM_LOG=str(log))
     out = tmp_path / "out.json"
+    line = one_line_error(subprocess.run(evaluate_cmd("--engine", "vllm", "--model-dir", model, "--data-file", data,
+                                                      "--output-file", out), cwd=ROOT, capture_output=True, text=True,
+                                         timeout=120, env=env))
+    assert "merged: no tokenizer to measure the labels with" in line and not out.exists()   # max_tokens auto
     done = subprocess.run(evaluate_cmd("--engine", "vllm", "--model-dir", model, "--data-file", data,
-                                       "--output-file", out, "--workers", 2),
+                                       "--output-file", out, "--workers", 2, "--max-tokens", 24),
                           cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     doc = json.loads(out.read_text(encoding="utf-8"))
