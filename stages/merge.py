@@ -11,12 +11,17 @@ has a guard here:
   handful of validation images (data/input/ocr_non_test.json, the same validation split as
   training; rendered lines when the file is absent) the merged folder, reloaded from disk, must
   decode greedily exactly like base + adapter, with every step's logits within a tolerance
-  (relative to the largest logit; per dtype, see stages/lib/merging.py TOLERANCE). A failure
+  (relative to the largest logit; per dtype, see stages/lib/merging.py TOLERANCE); a run may
+  part only at a near tie (both tokens' reference logits within the tolerance: counted as
+  greedy_near_ties). A failure
   fails the stage and leaves no models/merged/. metrics/merge.json also records how far the
   adapter, and the vision LoRA alone, move the logits on the same scale: when those are far
   above the tolerance, an unmerged adapter cannot pass unnoticed.
 - wrong `architectures`, missing processor / chat template / generation config: written and
   checked by merging.finish_folder.
+- a key layout vLLM's Gemma 3 loader refuses: the folder is rewritten in the real checkpoints'
+  layout (stages/lib/gemma3_layout.py: language_model.model.*, vision_tower.vision_model.*, no
+  SigLIP head, vision_use_head false), checked, and reloaded with no missing or unexpected keys.
 - a disk check tied to one host path: free space is measured on the output's own filesystem,
   against the base's real size at the merge dtype, before anything is loaded.
 Merging: unsloth's 16-bit merged save on CUDA with unsloth (params `backend`), peft's
@@ -29,6 +34,7 @@ import resource
 import time
 from pathlib import Path
 
+from .lib import gemma3_layout as G
 from .lib import merging as M
 from .lib import params as P
 from .lib.cli import UserError, run_main
@@ -127,20 +133,24 @@ def main(argv=None):
             M.merge_with_peft(peft_model, tmp)
             del peft_model
             free_memory()
+        layout = G.write_real_layout(tmp) if G.is_gemma3(tmp) else None
         files = M.finish_folder(tmp, base_config, processor)
         saved_dtype = M.check_saved_dtype(tmp, dtype_name)
-        # 3. Parity: the folder as a server will load it, processor included.
-        merged = M.load_base(tmp, torch_dtype)
+        problems = G.layout_problems(tmp)
+        if problems:
+            raise UserError(f"{args.out}: not in the layout vLLM loads: {'; '.join(problems)}")
+        # 3. Parity: the folder as a server will load it, processor included, with no missing or extra keys.
+        merged = M.load_base(tmp, torch_dtype, strict=True)
         runs = M.greedy_with_logits(merged, load_processor(tmp), images, instruction,
                                     args.max_new_tokens)
         architectures = merged.config.architectures
         del merged
         free_memory()
-        passed, mismatches, gap = M.judge(reference, runs, tolerance)
+        passed, mismatches, near_ties, gap = M.judge(reference, runs, tolerance)
         metrics = {
             "passed": passed, "backend": backend, "dtype": dtype_name, "saved_dtype": saved_dtype,
-            "architectures": architectures, "samples": len(images), "max_new_tokens": args.max_new_tokens,
-            "greedy_mismatches": mismatches, "max_relative_logit_gap": gap, "tolerance": tolerance,
+            "architectures": architectures, "gemma3_layout": layout, "samples": len(images), "max_new_tokens": args.max_new_tokens,
+            "greedy_mismatches": mismatches, "greedy_near_ties": near_ties, "max_relative_logit_gap": gap, "tolerance": tolerance,
             **figures, "merged_size_bytes": size, "seconds": round(time.time() - start, 1),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "files": files,
         }
@@ -148,7 +158,8 @@ def main(argv=None):
         if not passed:
             raise UserError(f"parity check failed: {mismatches}/{len(images)} greedy outputs differ, logit gap "
                             f"{gap:.3g} (tolerance {tolerance:g}); models/merged not written (see {args.metrics})")
-    print(f"merged -> {args.out} ({dtype_name}, {size / 2**20:.1f} MiB): greedy identical on {len(images)} images, "
+    ties = f" ({near_ties} parted at a near tie)" if near_ties else ""
+    print(f"merged -> {args.out} ({dtype_name}, {size / 2**20:.1f} MiB): greedy identical on {len(images)} images{ties}, "
           f"logit gap {gap:.3g} <= {tolerance:g}; adapter effect {figures['adapter_effect']:.3g}, "
           f"vision LoRA {figures['vision_lora_effect']:.3g}")
 

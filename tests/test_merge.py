@@ -14,6 +14,7 @@ import pytest
 
 from stages import merge
 from stages.lib import merging as M
+from stages.lib.gemma3_layout import real_key
 from stages.lib.cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,8 +112,8 @@ def test_language_and_vision_lora_are_merged(merged, tiny_base_dir, adapter_dir)
         if not key.endswith(".lora_A.weight"):
             continue
         module = key.removeprefix("base_model.model.model.").removesuffix(".lora_A.weight")
-        # transformers saves Gemma 3 under its checkpoint names: language_model.model.layers...
-        weight = module.replace("language_model.", "language_model.model.", 1) + ".weight"
+        # saved under the real checkpoints' names: language_model.model.layers..., vision_tower.vision_model...
+        weight = real_key(f"model.{module}.weight", tied=True)
         delta = scale * adapter[key.replace("lora_A", "lora_B")].float() @ adapter[key].float()
         bf16_base = base[weight].bfloat16().float()
         assert (new[weight] - bf16_base).abs().max() > 0.1 * delta.abs().max(), f"{module} left unmerged"
@@ -167,7 +168,7 @@ def test_parity_catches_an_unmerged_vision_tower(merged, tiny_base_dir, adapter_
     good = M.greedy_with_logits(M.load_base(out, torch.bfloat16), *args)
     bad = M.greedy_with_logits(M.load_base(broken, torch.bfloat16), *args)
     assert M.judge(reference, good, m["tolerance"])[0] is True
-    passed, _, gap = M.judge(reference, bad, m["tolerance"])
+    passed, _, _, gap = M.judge(reference, bad, m["tolerance"])
     assert passed is False and gap > m["tolerance"]
 
 
@@ -228,3 +229,21 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert proc.returncode == 2 and not (tmp_path / "merged").exists()
     expected = f"error: {tmp_path / 'empty'}: no base model (run `dvc repro base` first)"
     assert proc.stderr.strip().splitlines() == [expected]
+
+
+def test_a_flip_at_a_near_tie_is_not_a_mismatch():
+    """Greedy runs may part where the reference's two tokens are within the tolerance (rounding);
+    parting anywhere else, or stopping early, is a mismatch."""
+    import torch
+
+    logits = torch.zeros(3, 5)
+    logits[:, 0] = 10.0
+    logits[1, 2] = 9.9                      # step 1: tokens 0 and 2 within 1% of the largest logit
+    reference = [([0, 0, 0], logits)]
+    tie = [([0, 2, 4], logits.clone())]
+    wrong = [([0, 3, 4], logits.clone())]   # token 3 is far below token 0 in the reference
+    early = [([0], logits[:1].clone())]
+    assert M.judge(reference, tie, 0.05)[:3] == (True, 0, 1)
+    assert M.judge(reference, tie, 0.001)[:3] == (False, 1, 0)
+    assert M.judge(reference, wrong, 0.05)[:3] == (False, 1, 0)
+    assert M.judge(reference, early, 0.05)[:3] == (False, 1, 0)

@@ -9,10 +9,15 @@ What makes it able to learn OCR on 2 CPU cores (see the field notes):
   which is one character of stages/lib/synthetic.py's 4x4 grid (no pooling);
 - the multi-modal projector re-initialised (it is all zeros after random init, so every
   image would embed to 0 and the vision tower would get no gradient).
+It mirrors real Gemma 3 checkpoints where servers look (stages/lib/gemma3_layout.py): no SigLIP
+pooling head, the real key layout on disk, and Gemma's "\n\n" / "\n\n\n" / "\n\n\n\n" tokens
+(BPE merges of "\n", as in Gemma's tokenizer).
 """
 import json
 import math
 from pathlib import Path
+
+from .gemma3_layout import write_real_layout
 
 # Gemma's special tokens, in Gemma's order for the first ids (pad 0, eos 1, bos 2, unk 3).
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
@@ -41,7 +46,11 @@ def build_tokenizer(alphabet):
     for ch in sorted(set(alphabet) | set(TEMPLATE_CHARS)):
         if ch not in vocab:
             vocab[ch] = len(vocab)
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK, byte_fallback=True))
+    merges = []
+    for left, right in (("\n", "\n"), ("\n\n", "\n"), ("\n\n", "\n\n")):   # Gemma's newline runs
+        vocab[left + right] = len(vocab)
+        merges.append((left, right))
+    core = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK, byte_fallback=True))
     core.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     core.add_special_tokens(SPECIALS)
     return PreTrainedTokenizerFast(
@@ -75,7 +84,7 @@ def build_tiny_model(output_dir, alphabet, *, seed=0, image_size=128, text_hidde
     vision_config = SiglipVisionConfig(
         hidden_size=vision_hidden_size, intermediate_size=4 * vision_hidden_size,
         num_hidden_layers=vision_layers, num_attention_heads=max(1, vision_hidden_size // 32),
-        image_size=image_size, patch_size=patch,
+        image_size=image_size, patch_size=patch, vision_use_head=False,   # Gemma 3 has no pooling head
     )
     config = Gemma3Config(
         text_config=text_config, vision_config=vision_config, mm_tokens_per_image=tokens_per_image,
@@ -101,6 +110,7 @@ def build_tiny_model(output_dir, alphabet, *, seed=0, image_size=128, text_hidde
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir)
+    write_real_layout(output_dir)   # what transformers saves from a config is not the real layout
     processor.save_pretrained(output_dir)
     (output_dir / "tiny_model.json").write_text(json.dumps({
         "seed": seed, "image_size": image_size, "text_hidden_size": text_hidden_size, "text_layers": text_layers,
@@ -145,6 +155,7 @@ def pretrain(model_dir, samples, instruction, *, steps, learning_rate, batch_siz
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.save_pretrained(str(model_dir))
+    write_real_layout(model_dir)   # a no-op when transformers kept the layout it loaded
     tail = losses[-50:]
     return {"pretrain_loss": sum(tail) / len(tail), "pretrain_first_loss": losses[0],
             "pretrain_runtime_s": round(time.time() - start, 2), "pretrain_steps": steps}
