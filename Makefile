@@ -24,6 +24,7 @@ bench: setup
 	$(BIN)/python -m bench.bench_score
 	$(BIN)/python -m bench.bench_client
 	$(BIN)/python -m bench.bench_merge
+	$(BIN)/python -m bench.bench_browse
 
 readme:  # copy metrics/summary.md into the README's results section
 	python3 tools/update_readme.py

@@ -213,8 +213,9 @@ def summary_markdown(score, best, counts, train, runs):
     train_text = train_line(train)
     if train_text:
         lines += ["", train_text]
-    lines += ["", "Figures: `plots/analysis/*.png`, `plots/score/*.png`; the worst samples with their images: "
-              "`reports/errors.html`; the best trials: `reports/top_trials.md`."]
+    lines += ["", "Every sample of every run, side by side, sortable and filterable (opens offline): "
+              "`browse/index.html`. Figures: `plots/analysis/*.png`, `plots/score/*.png`; "
+              "the worst samples with their images: `reports/errors.html`; the best trials: `reports/top_trials.md`."]
     return "\n".join(lines) + "\n"
 
 

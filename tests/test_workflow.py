@@ -376,12 +376,13 @@ def test_readme_own_data_steps_leave_git_and_dvc_clean_and_pixels_are_versioned(
     top_k = yaml.safe_load((p.root / "params.yaml").read_text(encoding="utf-8"))["evaluate"]["top_k"]
     evaluated = p.json("data/input/ocr_test.json")[:top_k]
     target = evaluated[1]
-    runs = ("finetuned", "base", "tesseract")
+    runs = ("finetuned", "base", "tesseract", "paddleocr")
     before = {run: p.json(f"results/{run}.json") for run in runs}
     score_before = p.json("metrics/score.json")
     render_line("ABC123", SERIF, 24, 128, random.Random(5)).save(p.root / target["image_path"])
     done = p.run("bash", "-c", "dvc add data/raw_data && dvc repro", timeout=1800)
-    for stage in ("split", "evaluate@finetuned", "evaluate@base", "engine@tesseract", "normalize-score"):
+    for stage in ("split", "evaluate@finetuned", "evaluate@base", "engine@tesseract", "engine@paddleocr",
+                  "normalize-score", "browse"):
         assert f"Running stage '{stage}'" in done.stdout, done.stdout
     for stage in ("base", "train", "search", "merge"):   # a test image: nothing trained on it
         assert f"Running stage '{stage}'" not in done.stdout, done.stdout

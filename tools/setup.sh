@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="fonts-noto-cjk tesseract-ocr tesseract-ocr-chi-tra tesseract-ocr-eng postgresql"
+APT_PACKAGES="fonts-noto-cjk tesseract-ocr tesseract-ocr-chi-tra tesseract-ocr-eng postgresql chromium"
 missing=""
 for pkg in $APT_PACKAGES; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
