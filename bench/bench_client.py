@@ -6,6 +6,8 @@ The stub (a ThreadingHTTPServer in its own process, so its CPU is not billed to 
 answers every chat completion after exactly --delay-ms. The client is the stage's own
 (stages/lib/evaluation/client.py ChatClient + run_samples: base64 + JSON per request, one session per
 thread, scoring, progress bar, atomic saves every 50 samples) on a rendered 128x128 PNG.
+Also: two stubs that answer one request at a time (as one transformers serve process does), 1
+endpoint vs 2 with the same 4 workers (evaluate.url as a list, or evaluate.replicas).
 Prints, best of --repeats:
   rate with 1 worker and with --workers, and their ratio (target >= 7x for 8 workers);
   the client's own time per request: its process CPU time / requests, end-to-end wall time
@@ -27,9 +29,11 @@ from stages.lib.prompt import DEFAULT_INSTRUCTION
 from stages.lib.synthetic import random_line, render_line
 
 STUB = textwrap.dedent("""
-    import json, sys, time
+    import json, sys, threading, time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     DELAY = float(sys.argv[1])
+    SERIAL = sys.argv[2:] == ["serial"]   # one request at a time, like one transformers serve process
+    ONE_AT_A_TIME = threading.Lock()
     REPLY = json.dumps({"id": "b", "object": "chat.completion", "model": "bench",
                         "choices": [{"index": 0, "finish_reason": "stop",
                                      "message": {"role": "assistant", "content": "台北市信義區信義路5段7號"}}],
@@ -44,7 +48,11 @@ STUB = textwrap.dedent("""
         def do_GET(self): self.reply(b'{"status": "ok"}')
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
-            time.sleep(DELAY)
+            if SERIAL:
+                with ONE_AT_A_TIME:
+                    time.sleep(DELAY)
+            else:
+                time.sleep(DELAY)
             self.reply(REPLY)
     server = ThreadingHTTPServer(("127.0.0.1", 0), H)
     server.daemon_threads = True
@@ -54,8 +62,9 @@ STUB = textwrap.dedent("""
 """)
 
 
-def start_stub(delay_s):
-    proc = subprocess.Popen([sys.executable, "-c", STUB, str(delay_s)], stdout=subprocess.PIPE, text=True)
+def start_stub(delay_s, serial=False):
+    proc = subprocess.Popen([sys.executable, "-c", STUB, str(delay_s), *(["serial"] if serial else [])],
+                            stdout=subprocess.PIPE, text=True)
     port = int(proc.stdout.readline())
     return proc, f"http://127.0.0.1:{port}"
 
@@ -65,6 +74,23 @@ def make_samples(folder, n):
     image = Path(folder) / "line.png"
     render_line(random_line(rng), "NotoSerifCJK-Regular.ttc:Noto Serif CJK TC", 24, 128, rng).save(image)
     return [{"image_path": str(image), "label": random_line(rng)} for _ in range(n)]
+
+
+def endpoints_ratio(samples, delay, workers, out, repeats):
+    """Servers that answer one request at a time (fixed delay): 2 endpoints vs 1, same client workers."""
+    stubs = [start_stub(delay, serial=True) for _ in range(2)]
+    try:
+        urls = [url for _, url in stubs]
+        timed_run(urls, samples[:workers], workers, out)   # warm-up
+        one = two = (0.0, 0.0, 0.0)
+        for _ in range(repeats):
+            one = max(one, timed_run(urls[:1], samples, workers, out))
+            two = max(two, timed_run(urls, samples, workers, out))
+    finally:
+        for proc, _ in stubs:
+            proc.terminate()
+            proc.wait()
+    return one[0], two[0]
 
 
 def timed_run(url, samples, workers, out):
@@ -115,6 +141,7 @@ def main(argv=None):
                 best_1 = max(best_1, timed_run(url, samples[:args.requests], 1, out))
                 best_n = max(best_n, timed_run(url, samples, args.workers, out))
             encode, bookkeeping = piece_costs(samples, out)
+            one, two = endpoints_ratio(samples[:args.requests * 2], delay, 4, out, args.repeats)
     finally:
         proc.terminate()
         proc.wait()
@@ -127,6 +154,9 @@ def main(argv=None):
           f"{best_n[2] / nn * 1000:.2f} ms at {args.workers}; wall overhead at 1 worker "
           f"{(best_1[1] / n1 - delay) * 1000:.2f} ms (request round trip beyond the delay); "
           f"alone: payload (base64 + JSON) {encode * 1000:.3f} ms, bookkeeping {bookkeeping * 1000:.3f} ms")
+    print(f"bench_client: servers answering one request at a time ({args.delay_ms:g} ms), 4 workers: 1 endpoint "
+          f"{one:.1f} req/s, 2 endpoints {two:.1f} req/s; ratio {two / one:.2f}x (target ~2: each server is the "
+          "bottleneck)")
     return 0 if ratio >= 7 else 1
 
 

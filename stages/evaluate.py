@@ -12,6 +12,12 @@ on 127.0.0.1 and a free port: `vllm serve` when vLLM and a GPU are present, else
 --vllm-url it talks to a running server instead, records that server's /v1/models answer
 and warns that DVC cannot track what it serves.
 
+Several servers: `evaluate.url` a list of URLs (or --vllm-url A,B), or `evaluate.replicas: N` for
+the managed server (N `transformers serve` processes on N ports; vLLM: one `vllm serve` with
+--data-parallel-size N, its own load balancing). Samples go to the least busy live server; when
+one dies, its samples go to the others (stages/lib/evaluation/client.py), and every guarantee
+below holds: each sample once, in input order, resume after SIGKILL, failures never scored.
+
 Every request carries the training prompt (stages/lib/prompt.py), temperature 0, max_tokens
 and the stop strings of evaluate.stop (not sent to a managed `transformers serve`: 5.24 fails
 with HTTP 500 on `stop` for a vision model; the model's end-of-turn token is already one of
@@ -32,7 +38,7 @@ import json
 import signal
 import sys
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -43,7 +49,8 @@ from .lib.evaluation.client import ChatClient, load_previous, run_samples
 from .lib.images import ImageError, content_hash, page_count, split_ref
 from .lib.io import atomic_write_json, read_split
 from .lib.prompt import user_turn
-from .lib.evaluation.serving import Server, base_url, check_model_served, managed_server, served_ids, served_models
+from .lib.evaluation.serving import (Server, base_url, check_model_served, managed_server, pick_engine, served_ids,
+                                     served_models)
 
 ENGINES = ("auto", "transformers", "vllm", *OCR_ENGINES)
 
@@ -63,7 +70,8 @@ def top_k_arg(text):
 
 # What each kind of run reads from params.yaml (its dvc.yaml `params:`; tests/test_dvc_yaml.py checks).
 COMMON_KEYS = ("workers", "save_interval", "timeout", "top_k", "max_failure_rate")
-MODEL_KEYS = ("engine", "url", "max_retries", "max_tokens", "stop", "retry_backoff", "startup_timeout", "server_args")
+MODEL_KEYS = ("engine", "url", "replicas", "max_retries", "max_tokens", "stop", "retry_backoff", "startup_timeout",
+              "server_args")
 MODEL_PARAMS = ["instruction", *(f"evaluate.{k}" for k in COMMON_KEYS + MODEL_KEYS)]
 ENGINE_PARAMS = [f"evaluate.{k}" for k in COMMON_KEYS]
 
@@ -90,8 +98,10 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default="models/merged", help="model folder to serve (or models/base)")
     parser.add_argument("--engine", choices=ENGINES, default=model(lambda: get("engine", str, choices=ENGINES)))
-    parser.add_argument("--vllm-url", "--url", dest="url", default=model(lambda: get("url", str, allow_none=True)),
-                        help="a running OpenAI-compatible server instead of serving --model-dir")
+    parser.add_argument("--vllm-url", "--url", dest="url", default=model(lambda: get("url", None)),
+                        help="a running OpenAI-compatible server instead of serving --model-dir (several: A,B)")
+    parser.add_argument("--replicas", type=int, default=model(lambda: get("replicas", int, minimum=1)),
+                        help="managed servers to start (vLLM: its --data-parallel-size)")
     parser.add_argument("--model-name", default=None, help="the `model` field (default: the served folder)")
     parser.add_argument("--data-file", default="data/input/ocr_test.json")
     parser.add_argument("--output-file", default="results/finetuned.json")
@@ -114,6 +124,9 @@ def parse_args(argv):
         args.stop = get("stop", list)
         if not all(isinstance(s, str) and s for s in args.stop):
             raise UserError(f"params.yaml: 'evaluate.stop' must be a list of non-empty strings, got {args.stop!r}")
+        args.url = url_list(args.url)
+        if args.replicas < 1:
+            raise UserError(f"--replicas must be >= 1, got {args.replicas}")
         args.retry_backoff = get("retry_backoff", float, minimum=0)
         args.server_args = get("server_args", list)
         if not all(isinstance(a, str) for a in args.server_args):
@@ -128,6 +141,20 @@ def parse_args(argv):
     if not 0 <= args.max_failure_rate <= 1:
         raise UserError(f"--max-failure-rate must be between 0 and 1, got {args.max_failure_rate}")
     return args
+
+
+def url_list(value):
+    """evaluate.url / --vllm-url: None, one URL, "A,B", or a list of URLs -> None or [base URLs]."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if not isinstance(value, list) or not value or not all(isinstance(u, str) for u in value):
+        raise UserError(f"params.yaml: 'evaluate.url' must be null, a URL or a list of URLs, got {value!r}")
+    urls = [base_url(u) for u in value]
+    if len(set(urls)) != len(urls):
+        raise UserError(f"evaluate.url: the same server is listed twice in {urls}")
+    return urls
 
 
 def max_tokens_arg(value, where="--max-tokens"):
@@ -194,31 +221,43 @@ def fingerprint(identity, generation=None):
 # ---- the stage ----
 
 @contextmanager
-def model_server(args, folder):
-    """A Server to talk to: the user's URL (checked, untracked) or one we start and stop on `folder`."""
+def model_servers(args, folder):
+    """The Servers to talk to: the user's URLs (each checked, untracked) or the ones we start and stop
+    on `folder` (evaluate.replicas)."""
     if args.url:
-        url = base_url(args.url)
-        models = served_models(url, timeout=min(args.timeout, 30))
-        ids = served_ids(models)
-        name = args.model_name or (ids[0] if len(ids) == 1 else None)
-        if name is None:
-            raise UserError(f"{url} serves {ids or 'no listed model'}: pass --model-name")
-        check_model_served(models, name, url)
-        print(f"warning: evaluating {name} at {url}: DVC cannot track what that server serves; "
-              "its /v1/models answer is recorded in the output", file=sys.stderr)
-        yield Server(url=url, model_name=name, engine="external", models=models)
+        servers, name = [], args.model_name
+        for url in args.url:   # every server must be up and serve the model before any sample
+            models = served_models(url, timeout=min(args.timeout, 30))
+            ids = served_ids(models)
+            name = name or (ids[0] if len(ids) == 1 else None)
+            if name is None:
+                raise UserError(f"{url} serves {ids or 'no listed model'}: pass --model-name")
+            check_model_served(models, name, url)
+            servers.append(Server(url=url, model_name=name, engine="external", models=models))
+        print(f"warning: evaluating {name} at {', '.join(args.url)}: DVC cannot track what a server serves; "
+              "the /v1/models answer is recorded in the output", file=sys.stderr)
+        yield servers
         return
-    print(f"evaluate: starting a model server on {folder} (engine {args.engine}) ...", file=sys.stderr)
-    with managed_server(folder, args.engine, args.startup_timeout, args.model_name, args.server_args) as server:
-        print(f"evaluate: {server.engine} serve ready at {server.url} (pid {server.pid})", file=sys.stderr)
-        yield server
+    engine = pick_engine(args.engine)
+    # vLLM balances over its own data-parallel ranks behind one URL; transformers serve is one model per process.
+    extra = list(args.server_args)
+    if engine == "vllm" and args.replicas > 1 and "--data-parallel-size" not in extra:
+        extra += ["--data-parallel-size", str(args.replicas)]
+    count = 1 if engine == "vllm" else args.replicas
+    print(f"evaluate: starting {count} model server(s) on {folder} (engine {engine}) ...", file=sys.stderr)
+    with ExitStack() as stack:
+        servers = [stack.enter_context(managed_server(folder, engine, args.startup_timeout, args.model_name, extra))
+                   for _ in range(count)]
+        for server in servers:
+            print(f"evaluate: {server.engine} serve ready at {server.url} (pid {server.pid})", file=sys.stderr)
+        yield servers
 
 
 def evaluate(args, samples, predict, identity, model_name, server_info, generation=None, stopping=None,
-             server=None):
+             servers=()):
     """Run (resuming), write the final document, fail when too many samples failed. `generation`:
-    the model's request settings (None for an engine); `server`: a managed Server (its log is kept
-    and named when samples failed)."""
+    the model's request settings (None for an engine); `servers`: managed Servers (their logs are
+    kept and named when samples failed)."""
     fp = fingerprint(identity, generation)
     previous = load_previous(args.output_file, fp)
     if previous is None:
@@ -244,9 +283,11 @@ def evaluate(args, samples, predict, identity, model_name, server_info, generati
     print(f"evaluate: {len(records)} samples ({failed} failed, {truncated} truncated), {figure_text(doc)}, "
           f"{doc['samples_per_s']} samples/s -> {args.output_file}")
     log = ""
-    if failed and server is not None and server.log_path:
-        server.keep_log()
-        log = f"; the server's log: {server.log_path}"
+    logs = [server.log_path for server in servers if server.log_path]
+    if failed and logs:
+        for server in servers:
+            server.keep_log()
+        log = f"; the server's log: {', '.join(logs)}"
         print(f"evaluate: {failed} samples failed{log}", file=sys.stderr)
     if truncated:
         print(f"warning: {truncated} of {len(records)} predictions were cut by max_tokens {generation['max_tokens']} "
@@ -301,21 +342,22 @@ def main(argv=None):
     folder = None if args.url else model_folder(args.model_dir)
     if args.max_tokens == "auto":
         args.max_tokens = auto_max_tokens(folder, samples, args.instruction)
-    with model_server(args, folder) as server:
-        client = ChatClient(server.url, server.model_name, args.instruction, max_tokens=args.max_tokens,
+    with model_servers(args, folder) as servers:
+        server, urls = servers[0], [s.url for s in servers]
+        client = ChatClient(urls, server.model_name, args.instruction, max_tokens=args.max_tokens,
                             stop=args.stop if server.accepts_stop else [], timeout=args.timeout, max_retries=args.max_retries,
                             backoff_s=args.retry_backoff)
         if server.engine == "external":
-            identity = {"url": server.url, "model": server.model_name,
-                        "served": served_ids(server.models)}
+            identity = {"url" if len(urls) == 1 else "urls": urls[0] if len(urls) == 1 else sorted(urls),
+                        "model": server.model_name, "served": served_ids(server.models)}
         else:
             identity = {"engine": server.engine, "folder": str(Path(args.model_dir)), "server_args": args.server_args,
                         "files": folder_identity(folder)}
-        info = {"engine": server.engine, "url": server.url, "managed": server.engine != "external",
+        info = {"engine": server.engine, "url": server.url, "urls": urls, "managed": server.engine != "external",
                 "models": server.models}
         try:
             evaluate(args, samples, client.predict, identity, server.model_name, info, client.generation,
-                     client.stopping.set, server=server if server.engine != "external" else None)
+                     client.stopping.set, servers=servers if server.engine != "external" else ())
         finally:
             client.close()
 

@@ -7,6 +7,11 @@ and malformed replies are retried with exponential backoff; other 4xx answers ar
 request would fail again). A sample that still fails raises SampleError, which the runner
 records as an `error` field, never as an empty prediction.
 
+Several servers (`evaluate.url` a list, or `evaluate.replicas`): every request goes to the least
+busy live endpoint; one that fails a request (refused, timed out, 5xx) rests for a while (1 s,
+doubling up to 30 s) and the sample goes at once to another, so a dead server's samples are
+taken by the others. Each record names the endpoint that answered it.
+
 run_samples() drives any predict function (chat or Tesseract) over a thread pool and keeps the
 output file safe: progress is written atomically every save_interval finished samples (status
 "partial"), in input order; load_previous() reads such a file back so that a re-run skips the
@@ -35,10 +40,56 @@ class SampleError(Exception):
         self.attempts = attempts
 
 
+class Endpoints:
+    """The servers one client spreads its requests over (thread-safe)."""
+
+    REST_S, MAX_REST_S = 1.0, 30.0
+
+    def __init__(self, urls):
+        self.urls = list(urls)
+        self.busy = [0] * len(self.urls)          # requests in flight
+        self.failures = [0] * len(self.urls)      # consecutive failed requests
+        self.resting_until = [0.0] * len(self.urls)
+        self._lock = threading.Lock()
+
+    def _live(self, now):
+        return [i for i in range(len(self.urls)) if self.resting_until[i] <= now]
+
+    def others_live(self, index):
+        """Is there a live endpoint other than `index`? (then a retry needs no backoff)"""
+        with self._lock:
+            return any(i != index for i in self._live(time.monotonic()))
+
+    def acquire(self, avoid=None):
+        """The least busy live endpoint, not `avoid` when another is live; when all rest, the one
+        that rests the shortest. Its in-flight count goes up until release()."""
+        with self._lock:
+            now = time.monotonic()
+            live = self._live(now)
+            choices = [i for i in live if i != avoid] or live
+            if choices:
+                index = min(choices, key=lambda i: (self.busy[i], i))
+            else:
+                index = min(range(len(self.urls)), key=lambda i: self.resting_until[i])
+            self.busy[index] += 1
+            return index
+
+    def release(self, index, alive):
+        with self._lock:
+            self.busy[index] -= 1
+            if alive:
+                self.failures[index], self.resting_until[index] = 0, 0.0
+            else:
+                self.failures[index] += 1
+                rest = min(self.MAX_REST_S, self.REST_S * 2 ** (self.failures[index] - 1))
+                self.resting_until[index] = time.monotonic() + rest
+
+
 class ChatClient:
     def __init__(self, url, model_name, instruction, *, max_tokens, stop=None, timeout=60.0,
                  max_retries=3, backoff_s=0.5, max_backoff_s=10.0):
-        self.endpoint = f"{url}/v1/chat/completions"
+        urls = [url] if isinstance(url, str) else list(url)
+        self.endpoints = Endpoints(f"{u}/v1/chat/completions" for u in urls)
         self.model_name = model_name
         self.instruction = instruction
         self.max_tokens = max_tokens
@@ -98,39 +149,57 @@ class ChatClient:
             raise SampleError(f"image unreadable: {err}") from None
         session = self._session()
         problem = "no attempt made"
-        attempts = self.max_retries + 1
+        # max_retries counts retries on one server; moving to another live one is free (once per other).
+        attempts = self.max_retries + len(self.endpoints.urls)
+        last, waits = None, 0
         for attempt in range(attempts):
-            if attempt:
-                self._backoff(attempt)
-            start = time.perf_counter()
+            if attempt and not self.endpoints.others_live(last):
+                waits += 1
+                if waits > self.max_retries:
+                    break
+                self._backoff(waits)
+            last = self.endpoints.acquire(avoid=last)
+            alive = False
             try:
-                response = session.post(self.endpoint, data=body, timeout=(min(10.0, self.timeout), self.timeout))
-            except requests.Timeout:
-                problem = f"timed out after {self.timeout:g} s"
-                continue
-            except requests.RequestException as err:  # refused, reset, dropped mid-reply
-                problem = f"connection failed: {type(err).__name__}"
-                continue
-            latency = time.perf_counter() - start
-            if response.status_code >= 500:
-                problem = f"HTTP {response.status_code}: {response.text[:200].strip()}"
-                continue
-            if response.status_code != 200:
-                raise SampleError(f"HTTP {response.status_code}: {response.text[:300].strip()}", attempt + 1)
-            try:
-                reply = response.json()
-                choice = reply["choices"][0]
-                content = choice["message"]["content"]
-                if not isinstance(content, str):
-                    raise TypeError("content is not a string")
-            except (ValueError, KeyError, IndexError, TypeError) as err:
-                problem = f"malformed reply ({type(err).__name__}): {response.text[:120].strip()}"
-                continue
-            usage = reply.get("usage") or {}
-            return {"prediction": content, "completion_tokens": usage.get("completion_tokens"),
-                    "prompt_tokens": usage.get("prompt_tokens"), "finish_reason": choice.get("finish_reason"),
-                    "latency_s": round(latency, 4), "attempts": attempt + 1}
-        raise SampleError(f"{problem} (after {attempts} attempts)", attempts)
+                outcome, problem, alive = self._post(session, self.endpoints.urls[last], body, attempt)
+            except SampleError:
+                alive = True   # a 4xx answer: the server is up, the request is at fault
+                raise
+            finally:
+                self.endpoints.release(last, alive)
+            if outcome is not None:
+                return outcome
+        raise SampleError(f"{problem} (after {attempt + 1} attempts)", attempt + 1)
+
+    def _post(self, session, endpoint, body, attempt):
+        """One request: (outcome or None, problem, whether the server answered sanely)."""
+        start = time.perf_counter()
+        try:
+            response = session.post(endpoint, data=body, timeout=(min(10.0, self.timeout), self.timeout))
+        except requests.Timeout:
+            return None, f"timed out after {self.timeout:g} s", False
+        except requests.RequestException as err:  # refused, reset, dropped mid-reply
+            return None, f"connection failed: {type(err).__name__}", False
+        latency = time.perf_counter() - start
+        if response.status_code >= 500:
+            return None, f"HTTP {response.status_code}: {response.text[:200].strip()}", False
+        if response.status_code != 200:   # the same request would fail again, on any server
+            raise SampleError(f"HTTP {response.status_code}: {response.text[:300].strip()}", attempt + 1)
+        try:
+            reply = response.json()
+            choice = reply["choices"][0]
+            content = choice["message"]["content"]
+            if not isinstance(content, str):
+                raise TypeError("content is not a string")
+        except (ValueError, KeyError, IndexError, TypeError) as err:
+            return None, f"malformed reply ({type(err).__name__}): {response.text[:120].strip()}", False
+        usage = reply.get("usage") or {}
+        outcome = {"prediction": content, "completion_tokens": usage.get("completion_tokens"),
+                   "prompt_tokens": usage.get("prompt_tokens"), "finish_reason": choice.get("finish_reason"),
+                   "latency_s": round(latency, 4), "attempts": attempt + 1}
+        if len(self.endpoints.urls) > 1:
+            outcome["endpoint"] = endpoint.removesuffix("/v1/chat/completions")
+        return outcome, None, True
 
 
 def sample_key(sample):
