@@ -15,7 +15,6 @@ Prints, best of --repeats:
   payload: base64 + JSON; bookkeeping: scoring, ordering, progress and saves per sample).
 """
 import argparse
-import json
 import random
 import subprocess
 import sys
