@@ -1,6 +1,6 @@
 """Data-parallel training on the CPU: train samples/s with num_processes 2 against 1.
 
-    python -m bench.bench_train_dist [--rows 72] [--epochs 4] [--batch 8]
+    python -m bench.bench_train_dist [--rows 72] [--epochs 8] [--batch 8]
 
 Builds (untimed) the tiny Gemma 3 and `--rows` rendered lines in a temp project, then runs the train
 stage (`python -m stages.train`, a subprocess) twice with the same params and the same global batch:
@@ -62,7 +62,7 @@ def run(folder, n, args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=72, help="rendered lines; 8 go to validation")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch", type=int, default=8, help="global batch (per_device_train_batch_size)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_train_dist_") as tmp:
