@@ -25,6 +25,7 @@ bench: setup
 	$(BIN)/python -m bench.bench_client
 	$(BIN)/python -m bench.bench_merge
 	$(BIN)/python -m bench.bench_browse
+	$(BIN)/python -m bench.bench_train_dist
 
 readme:  # copy metrics/summary.md into the README's results section
 	python3 tools/update_readme.py

@@ -63,12 +63,15 @@ from .lib.search import study as S
 from .lib.cli import UserError, run_main
 from .lib.io import read_split
 from .lib.search.space import MODES, PRUNERS, corners, grid_size, parse_space, read_config
-from .lib.training import TRAINING_KEYS
+from .lib.training import LAUNCH_KEYS, TRAINING_FIELDS, TRAINING_KEYS
 
 OUT_DIR = "models/search"
 INPUT = "data/input/ocr_non_test.json"
 BEST_PARAMS = f"{OUT_DIR}/best_params.json"
-PARAMS = ["search", *TRAINING_KEYS]   # the fixed training config of every trial, and the search's own
+# the fixed training config of every trial, and the search's own. Not num_processes (LAUNCH_KEYS): trials
+# run in this process (or in search.workers processes), each single-process, so changing it re-runs train only.
+SEARCH_TRAINING_KEYS = [k for k in TRAINING_KEYS if k not in LAUNCH_KEYS]
+PARAMS = ["search", *SEARCH_TRAINING_KEYS]
 
 
 def parse_args(argv, params):
@@ -117,6 +120,11 @@ def read_settings(params, args):
             where = "search.space" if name in specs else "search.trial_overrides"
             raise UserError(f"{args.config or 'params.yaml'}: {where}.{name}: not a training parameter "
                             f"(known: {', '.join(TRAINING_KEYS)})")
+    for name in [*specs, *g("trial_overrides", dict), *fixed]:
+        if name in LAUNCH_KEYS:
+            raise UserError(f"{args.config or 'params.yaml'}: search: '{name}' cannot be set for trials (they run "
+                            "in one process each; num_processes is the train stage's)")
+    fixed = {**fixed, **{key: TRAINING_FIELDS[key].default for key in LAUNCH_KEYS}}   # num_processes 1
     settings = {
         "specs": specs, "mode": args.search_mode,
         "objective": g("objective", str, choices=S.OBJECTIVES),

@@ -16,11 +16,19 @@
 (kept outside the DVC out, git-ignored, deleted after a finished run; one every eval_steps):
     python -m stages.train --resume && dvc commit train
 --report-to wandb adds a tracker for transformers (dvclive is always on).
+
+num_processes > 1: data-parallel training. This command re-launches itself as that many torchrun
+workers (stages/lib/launch.py; gloo on CPUs, NCCL on GPUs, one GPU each), each taking
+per_device_train_batch_size / num_processes rows of every batch: the same global batch as one
+process. Only rank 0 writes the outputs and prints the summary; the workers' stderr is in
+models/checkpoints/train.log while they run (kept when one fails, named in the one-line error).
 """
 import argparse
+import sys
 
 from .lib import params as P
-from .lib.cli import run_main
+from .lib import launch
+from .lib.cli import UserError, run_main
 from .lib.io import atomic_write_json, read_split
 from .lib.modeling import resolve_base_dir
 from .lib.training import TRAINING_KEYS, choose_backend, run_training, split_train_val, training_config
@@ -50,15 +58,34 @@ def main(argv=None):
     backend = choose_backend(config)  # refuses unsloth without CUDA, 4-bit on the CPU
     base_dir = resolve_base_dir(args.base_dir)
     train_rows, val_rows = split_train_val(read_split(args.non_test), config["val_ratio"], config["seed"])
-    print(f"train: {len(train_rows)} training / {len(val_rows)} validation rows; base {base_dir}; "
-          f"backend {backend}; lora_r {config['lora_r']}, learning_rate {config['learning_rate']:g}")
+    n, worker = config["num_processes"], launch.is_worker()
+    if not worker:
+        print(f"train: {len(train_rows)} training / {len(val_rows)} validation rows; base {base_dir}; "
+              f"backend {backend}; lora_r {config['lora_r']}, learning_rate {config['learning_rate']:g}")
+    if n > 1 and not worker:  # start n copies of this command under torchrun; they do the training
+        check_devices(n)
+        log = f"{args.checkpoints}.log"
+        print(f"train: {n} processes (torchrun), {config['per_device_train_batch_size'] // n} rows of each batch "
+              f"of {config['per_device_train_batch_size']} per process; workers' output: {log}", flush=True)
+        launch.launch(n, "stages.train", sys.argv[1:] if argv is None else list(argv), log)
+        return  # rank 0 wrote the outputs and printed the summary
 
     metrics = run_training(config, base_dir, train_rows, val_rows, args.output, live_dir=args.live_dir,
                            resume=args.resume, checkpoint_dir=args.checkpoints)
+    if metrics is None:  # a torchrun worker other than rank 0: it writes nothing
+        return
     metrics["trained_with"] = config
     atomic_write_json(args.metrics, metrics)
     print(f"train: eval_loss {metrics['eval_loss']:.4f}, validation CER {metrics['val_cer']:.4f} "
           f"(base {metrics['val_cer_base']:.4f}), {metrics['runtime_s']} s -> {args.output}")
+
+
+def check_devices(n):
+    """One GPU per process: refuse more processes than visible GPUs (CPUs: any number runs, gloo)."""
+    import torch
+
+    if torch.cuda.is_available() and n > torch.cuda.device_count():
+        raise UserError(f"params.yaml: 'num_processes' {n} is more than the {torch.cuda.device_count()} visible GPUs")
 
 
 if __name__ == "__main__":

@@ -149,6 +149,7 @@ def project(tmp_path, monkeypatch, tiny_base_dir, tiny_rows_file):
      "search.space.lora_r=0: invalid training config (params.yaml: 'lora_r' must be >= 1"),
     ({"space": {"lora_rank": {"type": "int", "low": 4, "high": 8}}}, {}, [], "search.space.lora_rank: not a training parameter"),
     ({"trial_overrides": {"num_train_epochs": -1}}, {}, [], "search.trial_overrides: invalid training config"),
+    ({"trial_overrides": {"num_processes": 2}}, {}, [], "search: 'num_processes' cannot be set for trials"),
     ({"objective": "f1"}, {}, [], "'search.objective' must be one of"),
     ({}, {}, ["--storage", "postgresql+psycopg2://u:hunter2@db/x"], "the URL holds a password; set it in $OCR_SEARCH_STORAGE"),
     ({}, {}, ["--n-trials", "-1"], "--n-trials must be >= 0"),

@@ -5,6 +5,7 @@ or a source.json {"model_name": "/path/to/checkpoint"} pointing at a real local 
 Nothing here downloads: a model_name that is not a local folder is refused.
 """
 import gc
+import os
 from pathlib import Path
 
 from .cli import UserError
@@ -55,7 +56,8 @@ def load_model(path, *, load_in_4bit=False, dtype=None):
 
     kwargs = {"dtype": dtype or torch.float32}
     if torch.cuda.is_available():
-        kwargs["device_map"] = {"": 0}
+        # the whole model on this process's GPU: a torchrun worker's LOCAL_RANK (one GPU each), else GPU 0
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)

@@ -19,7 +19,9 @@ Contract (signatures are stable):
       final metrics: train_loss, eval_loss (of the saved best adapter), best_eval_loss,
       best_step, global_step, runtime_s, samples_per_second, trainable_params, total_params,
       backend, and with measure_cer val_cer / val_cer_base (greedy CER on val_rows of the
-      fine-tuned model and of the base: the same model with its adapter disabled).
+      fine-tuned model and of the base: the same model with its adapter disabled), num_processes and
+      distributed_backend (gloo, nccl; None for one process). Under torchrun (num_processes > 1,
+      stages/lib/launch.py) only rank 0 writes and returns the metrics; the other ranks return None.
   choose_backend(config) -> "unsloth" | "transformers" (UserError for what cannot run here:
       unsloth without CUDA, load_in_4bit without CUDA).
 """
@@ -58,7 +60,8 @@ class TrainingConfig:
     lora_dropout: float = _param(0.0, "LoRA dropout", minimum=0.0, maximum=0.99)
     learning_rate: float = _param(5.0e-3, "peak learning rate (cosine schedule)", positive=True)
     num_train_epochs: float = _param(25.0, "epochs over the training rows", positive=True)
-    per_device_train_batch_size: int = _param(16, "batch size per device", minimum=1)
+    per_device_train_batch_size: int = _param(16, "rows per optimizer micro-step, split evenly across num_processes",
+                                              minimum=1)
     gradient_accumulation_steps: int = _param(1, "micro-batches per optimizer step", minimum=1)
     warmup_ratio: float = _param(0.1, "share of the steps spent warming up", minimum=0.0, maximum=0.99)
     weight_decay: float = _param(0.0, "AdamW weight decay", minimum=0.0)
@@ -72,6 +75,13 @@ class TrainingConfig:
     eval_steps: int = _param(25, "evaluate eval_loss every N optimizer steps", minimum=1)
     logging_steps: int = _param(5, "log the train loss every N steps", minimum=1)
     report_to: str = _param("none", "extra transformers trackers, e.g. wandb (dvclive is always on)")
+    num_processes: int = _param(1, "data-parallel training processes on this machine (torchrun; one GPU each); "
+                                   "the same global batch, so the same loss curve", minimum=1)
+
+
+# How the train stage runs, not what it trains: the search's Optuna trials run in one process, so the
+# search does not read these (it trains with num_processes 1 and is not re-run when they change).
+LAUNCH_KEYS = ("num_processes",)
 
 
 TRAINING_FIELDS = {f.name: f for f in fields(TrainingConfig)}
@@ -103,6 +113,10 @@ def training_config(params, overrides=None):
         raise UserError("params.yaml: 'instruction' must not be empty")
     if not (config["finetune_vision_layers"] or config["finetune_language_layers"]):
         raise UserError("params.yaml: 'finetune_vision_layers' and 'finetune_language_layers' are both false (nothing to train)")
+    if config["per_device_train_batch_size"] % config["num_processes"]:
+        raise UserError(f"params.yaml: 'per_device_train_batch_size' {config['per_device_train_batch_size']} is not "
+                        f"divisible by 'num_processes' {config['num_processes']} (each process takes an equal share "
+                        "of the batch)")
     if not (config["finetune_attention_modules"] or config["finetune_mlp_modules"]):
         raise UserError("params.yaml: 'finetune_attention_modules' and 'finetune_mlp_modules' are both false (nothing to train)")
     return config
@@ -289,11 +303,14 @@ def sft_config(config, checkpoint_dir, backend):
     extra = {}
     if backend == "unsloth":  # what UnslothVisionDataCollator wants
         extra = {"remove_unused_columns": False, "dataset_text_field": "", "dataset_kwargs": {"skip_prepare_dataset": True}}
+    # Data-parallel: each process takes its share of the batch, so the global batch (and the optimizer
+    # steps, the schedule and the loss curve) stay those of one process. Every rank gets the same seeds:
+    # the same LoRA init and the same shuffled order, of which accelerate hands each rank its slice.
+    per_process = config["per_device_train_batch_size"] // config["num_processes"]
     return SFTConfig(
         output_dir=str(checkpoint_dir), seed=config["seed"], data_seed=config["seed"],
         learning_rate=config["learning_rate"], num_train_epochs=config["num_train_epochs"],
-        per_device_train_batch_size=config["per_device_train_batch_size"],
-        per_device_eval_batch_size=config["per_device_train_batch_size"],
+        per_device_train_batch_size=per_process, per_device_eval_batch_size=per_process,
         gradient_accumulation_steps=config["gradient_accumulation_steps"],
         warmup_steps=config["warmup_ratio"], weight_decay=config["weight_decay"], lr_scheduler_type="cosine",
         max_grad_norm=1.0, logging_steps=config["logging_steps"], eval_strategy="steps",
@@ -301,15 +318,23 @@ def sft_config(config, checkpoint_dir, backend):
         load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
         max_length=config["max_seq_length"], completion_only_loss=True, bf16=bf16,
         gradient_checkpointing=cuda and backend != "unsloth", dataloader_pin_memory=cuda, use_cpu=not cuda,
+        ddp_find_unused_parameters=False,  # every trainable weight is used in each forward: skip DDP's graph walk
         report_to=report_to or "none", **extra)
 
 
 def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callbacks=(), live_dir=None,
                  resume=False, checkpoint_dir=None, measure_cer=True):
-    """Train LoRA adapters; save the best adapter + processor to output_dir; return the final metrics."""
+    """Train LoRA adapters; save the best adapter + processor to output_dir; return the final metrics.
+    Under torchrun (num_processes > 1) every rank trains its share of each batch and only rank 0 writes
+    anything (checkpoint folder set-up, dvclive, validation CER, the adapter): the others return None."""
+    import os
     import shutil
     import time
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != config["num_processes"]:
+        raise UserError(f"params.yaml: 'num_processes' is {config['num_processes']} but {world} processes were "
+                        "launched (run `python -m stages.train`: it starts torchrun itself)")
     backend = choose_backend(config)
     import_unsloth_first(backend)
     import torch
@@ -322,12 +347,18 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
 
     checkpoint_dir = Path(checkpoint_dir or f"{output_dir}.checkpoints")
     last = get_last_checkpoint(str(checkpoint_dir)) if resume and checkpoint_dir.is_dir() else None
-    if resume and last is None:
-        print(f"note: no checkpoint in {checkpoint_dir}: starting from the beginning")
-    if not last and checkpoint_dir.exists():
-        shutil.rmtree(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    (checkpoint_dir / ".gitignore").write_text("*\n")  # never committed; deleted after a finished run
+    args = sft_config(config, checkpoint_dir, backend)
+    main = args.process_index == 0
+    # main_process_first starts the process group (gloo on CPUs, NCCL on GPUs) and holds the other
+    # ranks until rank 0 has set up the shared checkpoint folder.
+    with args.main_process_first(local=False, desc="checkpoint folder"):
+        if main:
+            if resume and last is None:
+                print(f"note: no checkpoint in {checkpoint_dir}: starting from the beginning")
+            if not last and checkpoint_dir.exists():
+                shutil.rmtree(checkpoint_dir)
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            (checkpoint_dir / ".gitignore").write_text("*\n")  # never committed; deleted after a finished run
 
     check_row_lengths(base_dir, train_rows + val_rows, config)   # before the model is loaded
     torch.manual_seed(config["seed"])
@@ -347,8 +378,8 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
         extra["data_collator"] = UnslothVisionDataCollator(
             model, processor, train_on_responses_only=True,
             instruction_part="<start_of_turn>user\n", response_part="<start_of_turn>model\n")
-    live = [LiveCallback(live_dir, resume=bool(last))] if live_dir else []
-    trainer = SFTTrainer(model=model, args=sft_config(config, checkpoint_dir, backend), train_dataset=train_set,
+    live = [LiveCallback(live_dir, resume=bool(last))] if live_dir and main else []
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set,
                          eval_dataset=val_set, processing_class=processor, callbacks=list(callbacks) + live, **extra)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -358,7 +389,11 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
     # The evaluation below (the best checkpoint) is not a training step: no curve point, no report.
     for callback in [*callbacks, *live]:
         trainer.remove_callback(callback)
-    final_eval = trainer.evaluate()  # the best checkpoint, reloaded by load_best_model_at_end
+    final_eval = trainer.evaluate()  # the best checkpoint, reloaded by load_best_model_at_end (every rank)
+    if not main:  # the checkpoints (saved by rank 0) are no longer read: the rest is rank 0's alone
+        return None
+    import torch.distributed as dist
+
     metrics = {
         "train_loss": result.training_loss, "eval_loss": final_eval["eval_loss"],
         "best_eval_loss": trainer.state.best_metric, "best_step": step_of(trainer.state.best_model_checkpoint),
@@ -366,6 +401,7 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
         "samples_per_second": result.metrics.get("train_samples_per_second"),
         "trainable_params": trainable, "total_params": total, "train_rows": len(train_rows),
         "val_rows": len(val_rows), "backend": backend, "load_in_4bit": config["load_in_4bit"],
+        "num_processes": world, "distributed_backend": dist.get_backend() if dist.is_initialized() else None,
     }
     if measure_cer:
         if backend == "unsloth":
