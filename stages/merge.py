@@ -136,7 +136,7 @@ def main(argv=None):
         layout = G.write_real_layout(tmp) if G.is_gemma3(tmp) else None
         files = M.finish_folder(tmp, base_config, processor)
         saved_dtype = M.check_saved_dtype(tmp, dtype_name)
-        problems = G.layout_problems(tmp)
+        problems = G.layout_problems(tmp) if layout is not None else []   # the layout vLLM's Gemma 3 loader reads
         if problems:
             raise UserError(f"{args.out}: not in the layout vLLM loads: {'; '.join(problems)}")
         # 3. Parity: the folder as a server will load it, processor included, with no missing or extra keys.
