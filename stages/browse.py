@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .lib import params as P
 from .lib.cli import UserError, run_main
+from .lib.evaluation.client import sample_key   # the image (path and content hash) and the label
 from .lib.images import ImageError, content_hash, load_image, png_bytes, split_ref
 from .lib.io import atomic_dir, atomic_write_text, read_json
 from .lib.metrics import normalize_many
@@ -61,10 +62,6 @@ def read_scored(runs, scored_dir):
             raise UserError(f"{path}: expected an object with a 'samples' list (a normalize-score output)")
         docs[run["name"]] = doc
     return docs
-
-
-def sample_key(sample):
-    return f"{sample.get('image_path')}\x00{sample.get('image_sha256')}\x00{sample.get('label')}"
 
 
 def diff_ops(ref, pred):
