@@ -8,9 +8,13 @@
 3. TRL SFTTrainer, loss on the answer only, LoRA on the linear layers the finetune_* flags
    pick (the projector trained fully); unsloth on CUDA when installed (`backend`).
    eval_loss every eval_steps; the best checkpoint is kept. dvclive writes plots/train/.
+   With val_cer_rows > 0, also the greedy CER on that many validation rows at every evaluation
+   (plots/train/.../eval/val_cer.tsv); best_metric val_cer keeps the checkpoint with the lowest one.
 4. models/lora/: the best adapter + processor files. metrics/train.json: final figures, with the
-   greedy-decoding CER on the validation lines of the fine-tuned model and of the base, and
-   `trained_with`: every hyperparameter value this adapter was trained with.
+   greedy-decoding CER on the validation lines of the fine-tuned model and of the base, the number
+   of trainable parameters, and `trained_with`: every hyperparameter value this adapter was trained
+   with. metrics/runtime/train.json: what the run cost here (wall time, samples/s, peak RSS; peak
+   CUDA memory and the device name on a GPU), kept apart because it changes with the machine.
 
 --resume continues an interrupted run from its last checkpoint in models/checkpoints/train/
 (kept outside the DVC out, git-ignored, deleted after a finished run; one every eval_steps):
@@ -31,6 +35,7 @@ from .lib import launch
 from .lib.cli import UserError, run_main
 from .lib.io import atomic_write_json, read_split
 from .lib.modeling import resolve_base_dir
+from .lib.runtime import RUNTIME_KEYS
 from .lib.training import TRAINING_KEYS, choose_backend, run_training, split_train_val, training_config
 
 NON_TEST = "data/input/ocr_non_test.json"
@@ -38,6 +43,7 @@ OUT_DIR = "models/lora"
 CHECKPOINTS = "models/checkpoints/train"
 LIVE_DIR = "plots/train"
 METRICS = "metrics/train.json"
+RUNTIME = "metrics/runtime/train.json"   # what the run cost on this machine: never beside the quality figures
 PARAMS = list(TRAINING_KEYS)
 
 
@@ -51,6 +57,7 @@ def main(argv=None):
     parser.add_argument("--checkpoints", default=CHECKPOINTS)
     parser.add_argument("--live-dir", default=LIVE_DIR)
     parser.add_argument("--metrics", default=METRICS)
+    parser.add_argument("--runtime", default=RUNTIME)
     args = parser.parse_args(argv)
 
     params = P.load_params(PARAMS)
@@ -74,10 +81,14 @@ def main(argv=None):
                            resume=args.resume, checkpoint_dir=args.checkpoints)
     if metrics is None:  # a torchrun worker other than rank 0: it writes nothing
         return
+    runtime = {key: metrics.pop(key) for key in RUNTIME_KEYS}
+    runtime.update(train_rows=metrics["train_rows"], global_step=metrics["global_step"])
     metrics["trained_with"] = config
+    atomic_write_json(args.runtime, runtime)
     atomic_write_json(args.metrics, metrics)
     print(f"train: eval_loss {metrics['eval_loss']:.4f}, validation CER {metrics['val_cer']:.4f} "
-          f"(base {metrics['val_cer_base']:.4f}), {metrics['runtime_s']} s -> {args.output}")
+          f"(base {metrics['val_cer_base']:.4f}), {runtime['runtime_s']} s, peak RSS {runtime['peak_rss_mib']} MiB "
+          f"-> {args.output}")
 
 
 def check_devices(n):

@@ -10,14 +10,17 @@ Contract (signatures are stable):
   run_training(config, base_dir, train_rows, val_rows, output_dir, *, callbacks=(),
                live_dir=None, resume=False, checkpoint_dir=None, measure_cer=True) -> dict
       Trains LoRA adapters (TRL SFTTrainer; unsloth on CUDA when chosen), evaluating eval_loss
-      every `eval_steps` optimizer steps, and saves the BEST adapter + processor files to
+      every `eval_steps` optimizer steps, and with val_cer_rows > 0 the greedy CER on a fixed sample
+      of val_rows (ValCerCallback: eval_val_cer in the evaluation's metrics, dvclive eval/val_cer),
+      and saves the BEST adapter (lowest `best_metric`: eval_loss or val_cer) + processor files to
       output_dir. `callbacks` are transformers.TrainerCallback objects (the search reports
       eval_loss to Optuna from on_evaluate and may raise optuna.TrialPruned: exceptions
       propagate; they are detached before the final evaluation of the best checkpoint). `live_dir`: dvclive folder for per-step train loss / per-eval eval_loss.
       `resume`: continue from the last checkpoint in checkpoint_dir (default
       output_dir + ".checkpoints"; git-ignored, deleted after a finished run). Returns the
-      final metrics: train_loss, eval_loss (of the saved best adapter), best_eval_loss,
-      best_step, global_step, runtime_s, samples_per_second, trainable_params, total_params,
+      final metrics: train_loss, eval_loss (of the saved best adapter), best_metric, best_eval_loss and
+      best_val_cer (at the best step), best_step, global_step, runtime_s, samples_per_second, peak_rss_mib,
+      cuda_max_memory_allocated_mib, device (stages/lib/runtime.py), trainable_params, total_params,
       backend, and with measure_cer val_cer / val_cer_base (greedy CER on val_rows of the
       fine-tuned model and of the base: the same model with its adapter disabled), num_processes and
       distributed_backend (gloo, nccl; None for one process). Under torchrun (num_processes > 1,
@@ -34,6 +37,7 @@ from . import params as P
 from .cli import UserError
 
 BACKENDS = ("auto", "unsloth", "transformers")
+BEST_METRICS = ("eval_loss", "val_cer")
 
 
 def _param(default, help, **check):
@@ -73,6 +77,10 @@ class TrainingConfig:
     finetune_attention_modules: bool = _param(True, "LoRA on attention projections")
     finetune_mlp_modules: bool = _param(True, "LoRA on MLP projections")
     eval_steps: int = _param(25, "evaluate eval_loss every N optimizer steps", minimum=1)
+    val_cer_rows: int = _param(20, "validation rows read greedily at every evaluation for the CER during training "
+                                   "(a fixed seeded sample; 0: none)", minimum=0)
+    best_metric: str = _param("eval_loss", "the checkpoint kept: lowest eval_loss or lowest val_cer (needs "
+                                           "val_cer_rows > 0)", choices=BEST_METRICS)
     logging_steps: int = _param(5, "log the train loss every N steps", minimum=1)
     report_to: str = _param("none", "extra transformers trackers, e.g. wandb (dvclive is always on)")
     num_processes: int = _param(1, "data-parallel training processes on this machine (torchrun; one GPU each); "
@@ -117,6 +125,8 @@ def training_config(params, overrides=None):
         raise UserError(f"params.yaml: 'per_device_train_batch_size' {config['per_device_train_batch_size']} is not "
                         f"divisible by 'num_processes' {config['num_processes']} (each process takes an equal share "
                         "of the batch)")
+    if config["best_metric"] == "val_cer" and not config["val_cer_rows"]:
+        raise UserError("params.yaml: 'best_metric' val_cer needs 'val_cer_rows' > 0 (no CER is measured during training)")
     if not (config["finetune_attention_modules"] or config["finetune_mlp_modules"]):
         raise UserError("params.yaml: 'finetune_attention_modules' and 'finetune_mlp_modules' are both false (nothing to train)")
     return config
@@ -250,9 +260,84 @@ class LiveCallback:
                         self.live.log_metric(name, float(value))
                     self.live.make_summary()
 
+            def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+                # ValCerCallback adds eval_val_cer to the metrics after the trainer logged them: log it here
+                if (metrics or {}).get(VAL_CER) is not None:
+                    self.live.step = state.global_step
+                    self.live.log_metric("eval/val_cer", float(metrics[VAL_CER]))
+                    self.live.make_summary()
+
             def on_train_end(self, args, state, control, **kwargs):
                 self.live.end()
         return _Live()
+
+
+VAL_CER = "eval_val_cer"  # the evaluation metric's name: the trainer prefixes metric_for_best_model with eval_
+
+
+def val_cer_sample(val_rows, n, seed):
+    """The fixed validation rows read at every evaluation: a seeded sample of n, in their split order."""
+    if n >= len(val_rows):
+        return list(val_rows)
+    keep = set(random.Random(seed).sample(range(len(val_rows)), n))
+    return [row for i, row in enumerate(val_rows) if i in keep]
+
+
+def greedy_cer(model, processor, rows, instruction, budget, *, bf16=False, backend="transformers", stats=None):
+    """Corpus CER of greedy readings of `rows` by `model` (the one rule for the CER during and after
+    training; bf16 training can leave bf16 trainable weights, so it generates under autocast then)."""
+    import torch
+
+    from .images import load_image
+    from .metrics import corpus_cer
+    from .modeling import read_images
+
+    if backend == "unsloth":
+        from unsloth import FastVisionModel
+
+        FastVisionModel.for_inference(model)
+    try:
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bool(bf16)):
+            predictions = read_images(model, processor, [load_image(r["image_path"]) for r in rows], instruction,
+                                      max_new_tokens=budget, stats=stats)
+    finally:
+        if backend == "unsloth":
+            FastVisionModel.for_training(model)
+    return corpus_cer([r["ocr_text"] for r in rows], predictions)
+
+
+class ValCerCallback:
+    """At every evaluation, the greedy CER on a fixed sample of validation rows, added to the evaluation's
+    metrics as eval_val_cer (in place: the trainer then picks the best checkpoint by it when best_metric
+    is val_cer) and to the log history. Rank 0 reads; under torchrun it sends the value to the others,
+    so every rank keeps the same best checkpoint."""
+
+    def __new__(cls, processor, rows, instruction, budget, backend):
+        from transformers import TrainerCallback
+
+        class _ValCer(TrainerCallback):
+            def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+                if metrics is None or "eval_loss" not in metrics:
+                    return
+                value = None
+                if args.process_index == 0:
+                    value = greedy_cer(model, processor, rows, instruction, budget, bf16=args.bf16, backend=backend)
+                value = broadcast_from_rank0(value)
+                metrics[VAL_CER] = value
+                if state.log_history and state.log_history[-1].get("step") == state.global_step \
+                        and "eval_loss" in state.log_history[-1]:
+                    state.log_history[-1][VAL_CER] = value
+        return _ValCer()
+
+
+def broadcast_from_rank0(value):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def import_unsloth_first(backend):
@@ -315,7 +400,7 @@ def sft_config(config, checkpoint_dir, backend):
         warmup_steps=config["warmup_ratio"], weight_decay=config["weight_decay"], lr_scheduler_type="cosine",
         max_grad_norm=1.0, logging_steps=config["logging_steps"], eval_strategy="steps",
         eval_steps=config["eval_steps"], save_strategy="steps", save_steps=config["eval_steps"], save_total_limit=2,
-        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+        load_best_model_at_end=True, metric_for_best_model=config["best_metric"], greater_is_better=False,
         max_length=config["max_seq_length"], completion_only_loss=True, bf16=bf16,
         gradient_checkpointing=cuda and backend != "unsloth", dataloader_pin_memory=cuda, use_cpu=not cuda,
         ddp_find_unused_parameters=False,  # every trainable weight is used in each forward: skip DDP's graph walk
@@ -344,7 +429,9 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
     from .io import atomic_dir, read_json
     from .metrics import corpus_cer
     from .modeling import generation_budget, read_images
+    from .runtime import peaks, reset_peaks
 
+    reset_peaks()  # the run's own peak memory (a search or the curve trains several times in one process)
     checkpoint_dir = Path(checkpoint_dir or f"{output_dir}.checkpoints")
     last = get_last_checkpoint(str(checkpoint_dir)) if resume and checkpoint_dir.is_dir() else None
     args = sft_config(config, checkpoint_dir, backend)
@@ -378,16 +465,22 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
         extra["data_collator"] = UnslothVisionDataCollator(
             model, processor, train_on_responses_only=True,
             instruction_part="<start_of_turn>user\n", response_part="<start_of_turn>model\n")
+    # the evaluation's rule (evaluate.max_tokens 'auto'): room for the longest label, so nothing is cut
+    budget, _ = generation_budget(processor.tokenizer, [r["ocr_text"] for r in train_rows + val_rows],
+                                  base_dir, config["instruction"])
+    cer = [ValCerCallback(processor, val_cer_sample(val_rows, config["val_cer_rows"], config["seed"]),
+                          config["instruction"], budget, backend)] if config["val_cer_rows"] else []
     live = [LiveCallback(live_dir, resume=bool(last))] if live_dir and main else []
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set,
-                         eval_dataset=val_set, processing_class=processor, callbacks=list(callbacks) + live, **extra)
+    # the CER first: the others' on_evaluate (dvclive, the search's pruner) see it in the metrics
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
+                         processing_class=processor, callbacks=cer + list(callbacks) + live, **extra)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     start = time.time()
     result = trainer.train(resume_from_checkpoint=last)
     runtime = time.time() - start
     # The evaluation below (the best checkpoint) is not a training step: no curve point, no report.
-    for callback in [*callbacks, *live]:
+    for callback in [*cer, *callbacks, *live]:
         trainer.remove_callback(callback)
     final_eval = trainer.evaluate()  # the best checkpoint, reloaded by load_best_model_at_end (every rank)
     if not main:  # the checkpoints (saved by rank 0) are no longer read: the rest is rank 0's alone
@@ -396,12 +489,13 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
 
     metrics = {
         "train_loss": result.training_loss, "eval_loss": final_eval["eval_loss"],
-        "best_eval_loss": trainer.state.best_metric, "best_step": step_of(trainer.state.best_model_checkpoint),
+        "best_metric": config["best_metric"], "best_step": step_of(trainer.state.best_model_checkpoint),
         "global_step": trainer.state.global_step, "runtime_s": round(runtime, 2),
         "samples_per_second": result.metrics.get("train_samples_per_second"),
         "trainable_params": trainable, "total_params": total, "train_rows": len(train_rows),
         "val_rows": len(val_rows), "backend": backend, "load_in_4bit": config["load_in_4bit"],
         "num_processes": world, "distributed_backend": dist.get_backend() if dist.is_initialized() else None,
+        **best_evaluation(trainer.state), **peaks(),
     }
     if measure_cer:
         if backend == "unsloth":
@@ -409,9 +503,6 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
 
             FastVisionModel.for_inference(model)
         refs = [r["ocr_text"] for r in val_rows]
-        # the evaluation's rule (evaluate.max_tokens 'auto'): room for the longest label, so nothing is cut
-        budget, _ = generation_budget(processor.tokenizer, [r["ocr_text"] for r in train_rows + val_rows],
-                                      base_dir, config["instruction"])
         def amp():  # bf16 training can leave bf16 trainable weights: generate under autocast too
             return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bool(trainer.args.bf16))
         cut, cut_base = {}, {}
@@ -430,6 +521,13 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
         metrics.update(adapter_r=saved.get("r"), adapter_lora_alpha=saved.get("lora_alpha"))
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return metrics
+
+
+def best_evaluation(state):
+    """best_eval_loss and best_val_cer (None when not measured): the evaluation of the kept checkpoint."""
+    step = step_of(state.best_model_checkpoint)
+    entry = next((e for e in state.log_history if e.get("step") == step and "eval_loss" in e), {})
+    return {"best_eval_loss": entry.get("eval_loss"), "best_val_cer": entry.get(VAL_CER)}
 
 
 def step_of(checkpoint_path):
