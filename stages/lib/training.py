@@ -132,8 +132,10 @@ def training_config(params, overrides=None):
     return config
 
 
-def split_train_val(rows, val_ratio, seed):
-    """Shuffle documents (image folders) with `seed`; fill validation up to round(n * val_ratio) rows."""
+def shuffled_documents(rows, seed):
+    """The rows grouped by document (image folder; each line its own when all share one folder), the
+    documents in a seeded order: [(key, [rows])]. The train/validation split and the learning curve's
+    nested subsets both keep a document on one side."""
     groups = defaultdict(list)
     for row in rows:
         groups[str(Path(row["image_path"]).parent)].append(row)
@@ -141,6 +143,14 @@ def split_train_val(rows, val_ratio, seed):
         groups = {str(i): [row] for i, row in enumerate(rows)}
     keys = sorted(groups)
     random.Random(seed).shuffle(keys)
+    return [(key, groups[key]) for key in keys]
+
+
+def split_train_val(rows, val_ratio, seed):
+    """Shuffle documents (image folders) with `seed`; fill validation up to round(n * val_ratio) rows."""
+    documents = shuffled_documents(rows, seed)
+    groups = dict(documents)
+    keys = [key for key, _ in documents]
     target = max(1, round(len(rows) * val_ratio))
     train, val = [], []
     for key in keys:
