@@ -59,11 +59,13 @@ def read_settings(params):
                                        "num_processes": 1})}
 
 
-def check_sizes(sizes, n_train):
-    too_many = [s for s in sizes if s != "all" and s > n_train]
-    if too_many:
-        raise UserError(f"params.yaml: 'learning_curve.train_rows' asks for {too_many[0]} rows but the split leaves "
-                        f"{n_train} training rows (use 'all' for every one)")
+def usable_sizes(sizes, n_train):
+    """The sizes the training rows allow (a size above them is left out, with a note: default params on a
+    small dataset still run), and those left out."""
+    over = [s for s in sizes if s != "all" and s > n_train]
+    if over:
+        print(f"learning_curve: note: train_rows {over} left out: the split leaves {n_train} training rows")
+    return [s for s in sizes if s not in over], over
 
 
 def read_rows(model, processor, rows, config, budget):
@@ -94,7 +96,11 @@ def run_points(settings, base_dir, train_rows, val_rows, work_dir):
     for repeat in range(settings["repeats"]):
         subsets = LC.nested_subsets(train_rows, settings["sizes"], settings["seed"] + repeat)
         point_config = {**config, "seed": config["seed"] + repeat}
+        done = set()
         for asked, rows in subsets.items():
+            if len(rows) in done:  # two sizes rounded up to the same whole documents: one point
+                continue
+            done.add(len(rows))
             adapter = work_dir / f"r{repeat}_n{len(rows)}"
             print(f"learning_curve: repeat {repeat}, {len(rows)} training rows (asked {asked})", flush=True)
             with measure() as cost:
@@ -182,7 +188,7 @@ def main(argv=None):
     settings = read_settings(params)
     config = settings["config"]
     if not settings["sizes"]:
-        write_skipped()
+        write_skipped("learning_curve.train_rows is empty")
         return
     from pathlib import Path
 
@@ -191,7 +197,10 @@ def main(argv=None):
     choose_backend(config)
     base_dir = resolve_base_dir(args.base_dir)
     train_rows, val_rows = split_train_val(read_split(args.non_test), config["val_ratio"], config["seed"])
-    check_sizes(settings["sizes"], len(train_rows))
+    settings["sizes"], left_out = usable_sizes(settings["sizes"], len(train_rows))
+    if not settings["sizes"]:
+        write_skipped(f"every size of learning_curve.train_rows is above the {len(train_rows)} training rows")
+        return
     started = time.perf_counter()
     work_dir = Path(WORK_DIR)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -204,18 +213,19 @@ def main(argv=None):
         plot_curve(points, base, fit, Path(plot_dir) / "learning_curve.png")
     atomic_write_json(RUNTIME, {"points": runtimes, "total_wall_s": round(time.perf_counter() - started, 2)})
     atomic_write_json(METRICS, {"skipped": False, "val_rows": len(val_rows), "train_rows_available": len(train_rows),
-                                "base": base, "points": points, "fit": fit, "summary": sentence})
+                                "train_rows_left_out": left_out, "base": base, "points": points, "fit": fit,
+                                "summary": sentence})
     import shutil
 
     shutil.rmtree(work_dir, ignore_errors=True)
     print(sentence)
 
 
-def write_skipped():
-    """learning_curve.train_rows is []: the same outputs, saying so (downstream readers need no special case)."""
+def write_skipped(why):
+    """No point to train: the same outputs, saying so (downstream readers need no special case)."""
     from pathlib import Path
 
-    message = "Learning curve skipped (learning_curve.train_rows is empty)."
+    message = f"Learning curve skipped ({why})."
     with atomic_dir(PLOT_DIR) as plot_dir:
         atomic_write_text(Path(plot_dir) / "learning_curve.csv", curve_csv([], {"val_cer": ""}))
         placeholder_figure(Path(plot_dir) / "learning_curve.png", "Learning curve", message)

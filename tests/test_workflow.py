@@ -51,6 +51,7 @@ def shrink(params):
     params["evaluate"].update(top_k=4, workers=2, max_tokens=24)
     params["score"]["bootstrap_samples"] = 50
     params["analyze"].update(top_n=5, worst_n=4, top_k_errors=5)
+    params["learning_curve"].update(train_rows=[5, "all"], bootstrap_samples=50)
     return params
 
 
