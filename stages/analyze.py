@@ -59,6 +59,8 @@ STORAGE_ENV = "OCR_SEARCH_STORAGE"  # the search stage's variable (stages/lib/se
 BEST_PARAMS = "models/search/best_params.json"
 SCORE = "metrics/score.json"
 TRAIN_METRICS = "metrics/train.json"
+CURVE_METRICS = "metrics/learning_curve.json"
+RUNTIME_DIR = "metrics/runtime"   # what each stage's runs cost on this machine (stages/lib/runtime.py)
 TRAIN_PLOTS = "plots/train"
 PARAMS = ["analyze", "search.study_name", "runs"]
 
@@ -143,9 +145,22 @@ def read_tsv_series(path):
     return steps, values
 
 
-def plot_loss_curves(train_tsv, eval_tsv, path, best_step=None):
-    """Train and eval loss by optimizer step; a dotted line marks the kept (best) checkpoint."""
-    fig, ax = new_figure(9, 4.5)
+def plot_loss_curves(train_tsv, eval_tsv, path, best_step=None, val_cer_tsv=None):
+    """Train and eval loss by optimizer step; a dotted line marks the kept (best) checkpoint. With the CER
+    during training (val_cer_tsv), a second panel below shows it on the same steps."""
+    steps_cer, values_cer = read_tsv_series(val_cer_tsv) if val_cer_tsv else ([], [])
+    if steps_cer:
+        from .lib.figures import pyplot
+
+        fig, (ax, ax_cer) = pyplot().subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=[3, 2])
+        ax_cer.plot(steps_cer, values_cer, "o-", color="tab:purple", ms=4, label="validation CER (greedy)")
+        if isinstance(best_step, (int, float)):
+            ax_cer.axvline(best_step, color="gray", ls=":")
+        ax_cer.set_ylabel("CER")
+        ax_cer.set_xlabel("optimizer step")
+        ax_cer.legend()
+    else:
+        fig, ax = new_figure(9, 4.5)
     drawn = False
     for label, tsv, style in (("train loss", train_tsv, "-"), ("eval loss", eval_tsv, "o-")):
         if tsv:
@@ -186,8 +201,8 @@ def _figure(block, key):
     return f"{value:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else f"{value:.4f}"
 
 
-def _number(value):
-    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
+def _number(value, digits=4):
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
 
 
 def summary_markdown(score, best, counts, train, runs):
@@ -304,7 +319,9 @@ def read_stage_inputs(params):
     if not isinstance(score, dict):
         raise UserError(f"{SCORE}: expected an object")
     train = read_json(TRAIN_METRICS) if Path(TRAIN_METRICS).is_file() else {}
-    return {"study_name": P.get(params, "search.study_name", str), "best": best, "score": score,
+    costs = {name: optional_object(f"{RUNTIME_DIR}/{name}.json") for name in ("train", "learning_curve")}
+    return {"curve": optional_object(CURVE_METRICS), "costs": costs,
+            "study_name": P.get(params, "search.study_name", str), "best": best, "score": score,
             "train": train if isinstance(train, dict) else {}, "runs": runs, "results": load_results(runs)}
 
 
@@ -325,16 +342,63 @@ def run_stage(args, params):
                                                  report_dir / "search.html")
         main = inputs["runs"][0]["title"]
         plot_top_edits(analyses[main], plot_dir / "errors_top_edits.png", k=args.top_k_errors)
-        plot_loss_curves(*find_loss_files(TRAIN_PLOTS), plot_dir / "train_loss.png", inputs["train"].get("best_step"))
+        plot_loss_curves(*find_loss_files(TRAIN_PLOTS), plot_dir / "train_loss.png", inputs["train"].get("best_step"),
+                         val_cer_tsv=find_val_cer_file(TRAIN_PLOTS))
         atomic_write_text(report_dir / "errors.html", report.errors_html(analyses, args.worst_n))
         atomic_write_json(report_dir / "errors.json", report.analysis_json(analyses))
         atomic_write_text(report_dir / "top_trials.md", table)
-    atomic_write_text(SUMMARY, summary_markdown(inputs["score"], best, counts, inputs["train"], inputs["runs"]))
+    atomic_write_text(SUMMARY, summary_markdown(inputs["score"], best, counts, inputs["train"], inputs["runs"])
+                      + curve_and_cost_markdown(inputs))
     for note in notes:
         print(f"analyze: note: {note}")
     ft = analyses[inputs["runs"][0]["title"]]
     print(f"analyze: {ft['scored_samples']} samples, {ft['empty_predictions']['count']} empty predictions -> "
           f"{PLOT_DIR}/, {REPORT_DIR}/errors.html, {SUMMARY}")
+
+
+def optional_object(path):
+    """A JSON object a stage may not have written (e.g. an older run): {} when absent."""
+    data = read_json(path) if Path(path).is_file() else {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected an object")
+    return data
+
+
+def find_val_cer_file(train_dir):
+    """dvclive's eval/val_cer.tsv (the CER during training) under the train stage's plot folder, or None."""
+    found = sorted(Path(train_dir).rglob("eval/val_cer.tsv")) if Path(train_dir).is_dir() else []
+    return found[0] if found else None
+
+
+def curve_and_cost_markdown(inputs):
+    """The learning curve's sentence, and what the runs cost here: the final training and each curve point
+    (metrics/runtime/), and each evaluation's pages per second (its result file)."""
+    curve, costs, train = inputs["curve"], inputs["costs"], inputs["train"]
+    lines = []
+    if curve.get("summary"):
+        lines += ["", curve["summary"] + " Figure: `plots/learning_curve/learning_curve.png`."]
+    rows = []
+    if costs["train"]:
+        rows.append(("final training", train.get("train_rows"), train.get("trainable_params"), costs["train"]))
+    params_by_point = {(p.get("train_rows"), p.get("repeat")): p.get("trainable_params") for p in curve.get("points", [])}
+    for point in costs["learning_curve"].get("points", []):
+        key = (point.get("train_rows"), point.get("repeat"))
+        rows.append((f"curve point (repeat {key[1]})", key[0], params_by_point.get(key), point))
+    if rows:
+        lines += ["", "What the runs cost on this machine (metrics/runtime/; these change with the machine):", "",
+                  "| run | training rows | trainable params | wall s | samples/s | peak RSS MiB | peak CUDA MiB | device |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, n, trainable, cost in rows:
+            wall = cost.get("point_wall_s", cost.get("runtime_s"))
+            cells = [name, n, f"{trainable:,}" if isinstance(trainable, int) else "n/a", _number(wall, 1),
+                     _number(cost.get("samples_per_second"), 1), _number(cost.get("peak_rss_mib"), 0),
+                     _number(cost.get("cuda_max_memory_allocated_mib"), 0), cost.get("device", "n/a")]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    speeds = [f"{title} {res['samples_per_s']:.2f} pages/s ({res.get('evaluated_this_run', 'n/a')} pages this run)"
+              for title, res in inputs["results"].items() if isinstance(res.get("samples_per_s"), (int, float))]
+    if speeds:
+        lines += ["", "Evaluation speed (pages read in the last run / its wall time): " + "; ".join(speeds) + "."]
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def find_loss_files(train_dir):

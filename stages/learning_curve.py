@@ -25,6 +25,7 @@ import argparse
 import csv
 import io
 import time
+from pathlib import Path
 
 from .lib import learning_curve as LC
 from .lib import params as P
@@ -38,6 +39,9 @@ from .lib.training import LAUNCH_KEYS, TRAINING_KEYS, split_train_val, training_
 NON_TEST = "data/input/ocr_non_test.json"
 WORK_DIR = "models/checkpoints/learning_curve"   # adapters and checkpoints while it runs (git-ignored, deleted)
 METRICS = "metrics/learning_curve.json"
+# the train stage's run: the 'all' point of repeat 0 is that very training (same rows in the same order,
+# same config and seed), so its adapter is read instead of training it again
+TRAIN_ADAPTER, TRAIN_METRICS, TRAIN_RUNTIME = "models/lora", "metrics/train.json", "metrics/runtime/train.json"
 RUNTIME = "metrics/runtime/learning_curve.json"
 PLOT_DIR = "plots/learning_curve"
 # the training keys of train, minus how train is launched: each point trains in this one process
@@ -102,23 +106,48 @@ def run_points(settings, base_dir, train_rows, val_rows, work_dir):
                 continue
             done.add(len(rows))
             adapter = work_dir / f"r{repeat}_n{len(rows)}"
-            print(f"learning_curve: repeat {repeat}, {len(rows)} training rows (asked {asked})", flush=True)
+            reused = train_stage_run(config) if repeat == 0 and rows == train_rows else None
+            print(f"learning_curve: repeat {repeat}, {len(rows)} training rows (asked {asked})"
+                  + (f": the train stage's adapter ({TRAIN_ADAPTER})" if reused else ""), flush=True)
             with measure() as cost:
-                metrics = run_training(point_config, base_dir, rows, val_rows, adapter,
-                                       checkpoint_dir=work_dir / "checkpoints", measure_cer=False)
+                if reused:
+                    metrics, adapter = reused, Path(TRAIN_ADAPTER)
+                else:
+                    metrics = run_training(point_config, base_dir, rows, val_rows, adapter,
+                                           checkpoint_dir=work_dir / "checkpoints", measure_cer=False)
                 model = PeftModel.from_pretrained(load_model(base_dir), str(adapter))
                 readings = read_rows(model, processor, val_rows, config, budget)
             del model
-            shutil.rmtree(adapter, ignore_errors=True)
+            if not reused:
+                shutil.rmtree(adapter, ignore_errors=True)
             free_memory()
             points.append({"train_rows_asked": asked, "train_rows": len(rows),
                            "documents": len({str(r["image_path"]).rsplit("/", 1)[0] for r in rows}),
                            "repeat": repeat, "seed": point_config["seed"], "readings": readings,
+                           "trained_by": "train stage" if reused else "learning_curve",
                            **{k: metrics[k] for k in ("eval_loss", "best_step", "global_step", "trainable_params")}})
-            runtimes.append({"train_rows": len(rows), "repeat": repeat, "point_wall_s": cost["wall_s"],
-                             **{k: metrics[k] for k in RUNTIME_KEYS}, "peak_rss_mib": cost["peak_rss_mib"],
-                             "cuda_max_memory_allocated_mib": cost["cuda_max_memory_allocated_mib"]})
+            # a reused point cost what the train stage's run cost (its own figures), plus this reading
+            runtimes.append({"train_rows": len(rows), "repeat": repeat, "trained_by": points[-1]["trained_by"],
+                             **{k: metrics.get(k) for k in RUNTIME_KEYS},
+                             "point_wall_s": metrics["runtime_s"] if reused else cost["wall_s"],
+                             **({} if reused else {k: cost[k] for k in ("peak_rss_mib", "cuda_max_memory_allocated_mib")})})
     return points, runtimes, base_readings
+
+
+def train_stage_run(config):
+    """The train stage's metrics (with its runtime figures) when its adapter was trained with this config
+    (launch keys and trackers aside); None when it is absent or differs (then the point trains here)."""
+    from .lib.io import read_json
+
+    if not (Path(TRAIN_ADAPTER, "adapter_config.json").is_file() and Path(TRAIN_METRICS).is_file()):
+        return None
+    metrics = read_json(TRAIN_METRICS)
+    trained = metrics.get("trained_with") if isinstance(metrics, dict) else None
+    if not isinstance(trained, dict) or any(trained.get(k) != config[k] for k in CURVE_TRAINING_KEYS
+                                             if k != "report_to"):
+        return None
+    runtime = read_json(TRAIN_RUNTIME) if Path(TRAIN_RUNTIME).is_file() else {}
+    return {**metrics, **(runtime if isinstance(runtime, dict) else {})}
 
 
 def score(points, base_readings, val_rows, settings):
@@ -190,8 +219,6 @@ def main(argv=None):
     if not settings["sizes"]:
         write_skipped("learning_curve.train_rows is empty")
         return
-    from pathlib import Path
-
     from .lib.training import choose_backend
 
     choose_backend(config)
@@ -223,8 +250,6 @@ def main(argv=None):
 
 def write_skipped(why):
     """No point to train: the same outputs, saying so (downstream readers need no special case)."""
-    from pathlib import Path
-
     message = f"Learning curve skipped ({why})."
     with atomic_dir(PLOT_DIR) as plot_dir:
         atomic_write_text(Path(plot_dir) / "learning_curve.csv", curve_csv([], {"val_cer": ""}))

@@ -83,7 +83,7 @@ def scored_result(rows, name, error_rate, seed):
                         "cer_score": metrics.cer(ref_n, pred_n), "f1_score": metrics.f1(ref_n, pred_n)})
     samples[1] = {**samples[1], "prediction": "", "error": "ReadTimeout after 3 retries"}
     return {"overall_cer": 0.1, "overall_f1": 0.9, "total_samples": len(samples), "model_name": name,
-            "samples": samples}
+            "samples_per_s": 2.5 / rate, "evaluated_this_run": len(samples), "samples": samples}
 
 
 def write_loss_curves(live_dir):
@@ -96,6 +96,7 @@ def write_loss_curves(live_dir):
         live.log_metric("train/loss", 3 * math.exp(-step / 60) + 0.4)
         if step % 25 == 0:
             live.log_metric("eval/loss", 3 * math.exp(-step / 60) + 0.5)
+            live.log_metric("eval/val_cer", math.exp(-step / 80))   # the CER during training (val_cer_rows)
     live.end()
 
 
@@ -135,7 +136,28 @@ def project(tmp_path_factory):
     (root / "metrics/train.json").write_text(json.dumps({"train_loss": 0.51, "eval_loss": 0.62, "best_step": 150,
                                                           "global_step": 200, "val_cer": 0.031, "val_cer_base": 0.7}))
     write_loss_curves(root / "plots/train")
+    write_curve_and_costs(root)
     return root
+
+
+def write_curve_and_costs(root):
+    """The learning_curve stage's and the train stage's outputs that analyze reads (shapes as written there)."""
+    from stages.lib.figures import placeholder_figure
+
+    (root / "metrics/runtime").mkdir(parents=True)
+    (root / "metrics/learning_curve.json").write_text(json.dumps({
+        "skipped": False, "summary": "Learning curve (validation CER, greedy; base 0.7000): 20 rows 0.3000.",
+        "points": [{"train_rows": 20, "repeat": 0, "val_cer": 0.3, "trainable_params": 180352}]}))
+    (root / "metrics/runtime/learning_curve.json").write_text(json.dumps({"points": [
+        {"train_rows": 20, "repeat": 0, "point_wall_s": 12.34, "runtime_s": 9.0, "samples_per_second": 55.5,
+         "peak_rss_mib": 812.0, "cuda_max_memory_allocated_mib": None, "device": "cpu: test, 2 cores"}]}))
+    (root / "metrics/runtime/train.json").write_text(json.dumps({
+        "runtime_s": 54.7, "samples_per_second": 82.8, "peak_rss_mib": 900.4, "cuda_max_memory_allocated_mib": None,
+        "device": "cpu: test, 2 cores"}))
+    (root / "plots/learning_curve").mkdir(parents=True)
+    (root / "plots/learning_curve/learning_curve.csv").write_text(
+        "train_rows,repeat,val_cer,val_cer_ci95_low,val_cer_ci95_high,base_val_cer\n20,0,0.3,0.2,0.4,0.7\n")
+    placeholder_figure(root / "plots/learning_curve/learning_curve.png", "Learning curve", "a test figure")
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +221,24 @@ def test_summary_table(project, stage_run):
     assert "12 trials (" in summary and "1 failed)" in summary
     assert ("Final training: train loss 0.51, eval loss 0.62 (best checkpoint, step 150 of 200), "
             "validation CER 0.0310 (base 0.7000).") in summary
+
+
+def test_summary_reads_the_curve_and_what_runs_cost(project, stage_run):
+    summary = (project / "metrics/summary.md").read_text()
+    assert "Learning curve (validation CER, greedy; base 0.7000): 20 rows 0.3000." in summary
+    lines = summary.splitlines()
+    train = next(line for line in lines if line.startswith("| final training"))
+    assert "| 54.7 | 82.8 | 900 |" in train and "cpu: test, 2 cores" in train
+    point = next(line for line in lines if line.startswith("| curve point"))
+    assert "| 20 | 180,352 | 12.3 | 55.5 | 812 | n/a |" in point
+    assert "fine-tuned 5.00 pages/s (30 pages this run)" in summary   # the results' samples_per_s
+
+
+def test_loss_figure_gets_a_cer_panel(project, stage_run):
+    from PIL import Image
+
+    with Image.open(project / "plots/analysis/train_loss.png") as image:
+        assert image.height > 550   # two panels (9 x 7 in at 100 dpi) where one is 4.5 in high
 
 
 def test_error_analysis_counts(project, stage_run):
@@ -349,7 +389,7 @@ def test_dvc_stage_and_plots(project, tmp_path):
     assert shown.returncode == 0, shown.stderr
     data = json.loads(shown.stdout)["data"]
     images = [k for k, v in data.items() if v and v[0]["type"] == "image"]
-    assert sorted(Path(k).name for k in images) == sorted(FIGURES)
+    assert sorted(Path(k).name for k in images) == sorted(FIGURES + ["learning_curve.png"])
     assert data["loss"][0]["type"] == "vega" and data["search_history"][0]["type"] == "vega"
     assert {row["filename"] for row in data["loss"][0]["content"]["data"]["values"]} == {"train/loss.tsv", "eval/loss.tsv"}
 

@@ -23,8 +23,10 @@ def test_subsets_are_nested_keep_documents_whole_and_follow_the_seed():
     subsets = LC.nested_subsets(rows, [10, 25, 60, "all"], seed=3)
     paths = [[r["image_path"] for r in subsets[k]] for k in (10, 25, 60, "all")]
     for small, large in zip(paths, paths[1:]):
-        assert small == large[:len(small)]                 # each subset is a prefix of the next: nested
-    assert len(paths[-1]) == len(rows)
+        assert set(small) < set(large)                     # nested
+    order = [r["image_path"] for r in rows]
+    assert all(sorted(sub, key=order.index) == sub for sub in paths)   # the rows keep their order
+    assert subsets["all"] == rows                          # 'all' is what the train stage trains on
     for asked, subset in subsets.items():
         n = len(rows) if asked == "all" else asked
         docs = {Path(p).parent for p in (r["image_path"] for r in subset)}

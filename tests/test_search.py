@@ -216,6 +216,8 @@ def test_prune_fail_skip_resume_with_workers(project, capsys):
     rows = list(csv.DictReader(open("models/search/trials.csv", encoding="utf-8")))
     assert [(r["trial"], r["state"]) for r in rows] == [("0", "COMPLETE"), ("1", "PRUNED"), ("2", "FAIL")]
     assert rows[2]["error"].startswith("FloatingPointError") and rows[1]["value"] == ""
+    assert int(rows[0]["trainable_params"]) > 0 and float(rows[0]["peak_rss_mib"]) > 0   # what the trial cost
+    assert float(rows[0]["samples_per_second"]) > 0 and rows[0]["device"] and rows[2]["peak_rss_mib"] == ""
     trials = Path("models/search/trials")
     for n, state in enumerate(states):
         assert json.loads((trials / f"trial_{n}" / "result.json").read_text())["state"] == state

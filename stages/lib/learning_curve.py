@@ -16,19 +16,22 @@ CER_FLOOR = 0.5      # a CER of 0 enters the log fit as half an error over the v
 
 
 def nested_subsets(rows, sizes, seed):
-    """{asked size: rows} where each subset is the shortest prefix of the seeded document order with at
-    least that many rows (whole documents: a subset may hold a few more rows than asked), so every
-    smaller subset lies inside every larger one. `sizes` holds ints or 'all'."""
+    """{asked size: rows}: the documents taken are the shortest prefix of a seeded document order with at
+    least that many rows (whole documents: a subset may hold a few more rows than asked), so every smaller
+    subset lies inside every larger one. The rows keep their order in `rows`: the 'all' subset is `rows`
+    itself, what the train stage trains on. `sizes` holds ints or 'all'."""
     documents = shuffled_documents(rows, seed)
     subsets = {}
     for size in sizes:
         want = len(rows) if size == "all" else size
-        taken = []
-        for _, doc in documents:
-            if len(taken) >= want:
+        taken, count = set(), 0
+        for key, doc in documents:
+            if count >= want:
                 break
-            taken.extend(doc)
-        subsets[size] = taken
+            taken.add(key)
+            count += len(doc)
+        keys = {id(row): key for key, doc in documents for row in doc}
+        subsets[size] = [row for row in rows if keys[id(row)] in taken]
     return subsets
 
 

@@ -333,8 +333,9 @@ def write_trials_csv(study, path, space_names):
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
+    cost = ["samples_per_second", "peak_rss_mib", "cuda_max_memory_allocated_mib", "trainable_params", "device"]
     writer.writerow(["trial", "state", "value", "duration_s", *space_names, "best_step", "last_step",
-                     "worker", "error"])
+                     "worker", "error", *cost])   # cost: what a completed trial's training cost (run_training)
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         r = trial_record(t)
         writer.writerow([t.number, t.state.name, t.value if t.state.name == "COMPLETE" else "",
@@ -342,7 +343,8 @@ def write_trials_csv(study, path, space_names):
                          *[t.params.get(n, "") for n in space_names],
                          t.user_attrs.get("best_step", ""),
                          max(t.intermediate_values) if t.intermediate_values else "",
-                         t.user_attrs.get("worker", ""), t.user_attrs.get("error", "")])
+                         t.user_attrs.get("worker", ""), t.user_attrs.get("error", ""),
+                         *["" if t.user_attrs.get(k) is None else t.user_attrs[k] for k in cost]])
     atomic_write_text(path, buf.getvalue())
 
 
