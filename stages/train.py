@@ -31,14 +31,14 @@ from .lib import launch
 from .lib.cli import UserError, run_main
 from .lib.io import atomic_write_json, read_split
 from .lib.modeling import resolve_base_dir
-from .lib.training import TRAINING_KEYS, choose_backend, run_training, split_train_val, training_config
+from .lib.training import TRAINING_PARAMS, choose_backend, run_training, split_train_val, training_config
 
 NON_TEST = "data/input/ocr_non_test.json"
 OUT_DIR = "models/lora"
 CHECKPOINTS = "models/checkpoints/train"
 LIVE_DIR = "plots/train"
 METRICS = "metrics/train.json"
-PARAMS = list(TRAINING_KEYS)
+PARAMS = list(TRAINING_PARAMS)
 
 
 def main(argv=None):
