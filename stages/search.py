@@ -64,7 +64,7 @@ from .lib.cli import UserError, run_main
 from .lib.io import read_split
 from .lib.search.space import MODES, PRUNERS, corners, grid_size, parse_space, read_config
 from .lib.modeling import IMAGE_PARAMS
-from .lib.training import LAUNCH_KEYS, TRAINING_FIELDS, TRAINING_KEYS
+from .lib.training import LAUNCH_KEYS, TRAINING_FIELDS, TRAINING_KEYS, demo_value_warnings
 
 OUT_DIR = "models/search"
 INPUT = "data/input/ocr_non_test.json"
@@ -224,6 +224,8 @@ def main(argv=None):
         return join(args, params)
     started = time.monotonic()
     settings = read_settings(params, args)
+    for warning in demo_value_warnings(settings["fixed"], settings["specs"]):
+        S.say(warning)
     workers = P.get(params, "search.workers", int, minimum=1)
     seed = P.get(params, "search.seed", int)
     out_dir = Path(args.base_output_dir)

@@ -126,6 +126,27 @@ def training_config(params, overrides=None):
     return config
 
 
+# Values for the 1.4 M-parameter demo base (trained from random init) that LoRA on a real 4B-27B
+# checkpoint does not take: an order of magnitude too hot or too long (the README's real-checkpoint
+# command uses the original project's: learning rate 2e-4, 5 epochs, batch 1, gradient accumulation 4).
+DEMO_LIMITS = {"learning_rate": 1.0e-3, "num_train_epochs": 10}
+
+
+def demo_value_warnings(config, space=None):
+    """Warnings (strings) when a real checkpoint (model_name not 'tiny') gets the demo's values:
+    a learning rate >= 1e-3 or more than 10 epochs, in the config or at the top of the search space."""
+    if config["model_name"] == "tiny":
+        return []
+    found = {key: config[key] for key in DEMO_LIMITS if config[key] >= DEMO_LIMITS[key]}
+    for key, spec in (space or {}).items():
+        high = spec.get("high", max(spec.get("choices") or [0], default=0)) if isinstance(spec, dict) else None
+        if key in DEMO_LIMITS and isinstance(high, (int, float)) and high >= DEMO_LIMITS[key]:
+            found[f"search.space.{key} up to"] = high
+    return [f"warning: {key} {value:g} with the real checkpoint '{config['model_name']}': that is the tiny demo's "
+            f"value (LoRA on a real checkpoint: learning_rate ~2e-4, 2-5 epochs; see the README's GPU command)"
+            for key, value in found.items()]
+
+
 def split_train_val(rows, val_ratio, seed):
     """Shuffle documents (image folders) with `seed`; fill validation up to round(n * val_ratio) rows."""
     groups = defaultdict(list)
