@@ -96,3 +96,15 @@ def test_training_and_a_served_request_give_identical_processor_inputs(tiny_base
     assert torch.equal(served["input_ids"][0], trained["input_ids"][:prompt])
     assert torch.equal(served["token_type_ids"][0], trained["token_type_ids"][:prompt])
     assert torch.equal(served["pixel_values"], trained["pixel_values"])
+
+
+def test_servers_get_the_settings_or_the_stage_refuses(monkeypatch):
+    from stages.lib.evaluation import serving
+
+    assert serving.image_server_args("vllm", PAN_AND_SCAN)[0] == "--mm-processor-kwargs"
+    assert json.loads(serving.image_server_args("transformers", PAN_AND_SCAN)[1]) == PAN_AND_SCAN
+    assert serving.image_server_args("transformers", {}) == []
+    # an older transformers serve without the option (not installed here): refused, never silently ignored
+    monkeypatch.setattr(serving, "transformers_serve_takes", lambda flag: False)
+    with pytest.raises(UserError, match="cannot be given to this transformers serve"):
+        serving.image_server_args("transformers", PAN_AND_SCAN)
