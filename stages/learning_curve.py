@@ -32,7 +32,7 @@ from .lib import params as P
 from .lib.cli import UserError, run_main
 from .lib.figures import new_figure, placeholder_figure, save_figure
 from .lib.io import atomic_dir, atomic_write_json, atomic_write_text, read_split
-from .lib.modeling import resolve_base_dir
+from .lib.modeling import IMAGE_PARAMS, resolve_base_dir
 from .lib.runtime import RUNTIME_KEYS
 from .lib.training import LAUNCH_KEYS, TRAINING_KEYS, split_train_val, training_config
 
@@ -46,7 +46,7 @@ RUNTIME = "metrics/runtime/learning_curve.json"
 PLOT_DIR = "plots/learning_curve"
 # the training keys of train, minus how train is launched: each point trains in this one process
 CURVE_TRAINING_KEYS = [k for k in TRAINING_KEYS if k not in LAUNCH_KEYS]
-PARAMS = ["learning_curve", *CURVE_TRAINING_KEYS]
+PARAMS = ["learning_curve", *CURVE_TRAINING_KEYS, IMAGE_PARAMS]
 
 
 def read_settings(params):
@@ -59,7 +59,7 @@ def read_settings(params):
             "repeats": P.get(params, "learning_curve.repeats", int, minimum=1),
             "seed": P.get(params, "learning_curve.seed", int, minimum=0),
             "bootstrap_samples": P.get(params, "learning_curve.bootstrap_samples", int, minimum=0),
-            "config": training_config({**{k: params[k] for k in CURVE_TRAINING_KEYS if k in params},
+            "config": training_config({**{k: params[k] for k in (*CURVE_TRAINING_KEYS, IMAGE_PARAMS) if k in params},
                                        "num_processes": 1})}
 
 
@@ -72,15 +72,6 @@ def usable_sizes(sizes, n_train):
     return [s for s in sizes if s not in over], over
 
 
-def read_rows(model, processor, rows, config, budget):
-    """Greedy readings of the validation rows (the validation CER's reader, stages/lib/training.py)."""
-    from .lib.images import load_image
-    from .lib.modeling import read_images
-
-    images = [load_image(r["image_path"]) for r in rows]
-    return read_images(model, processor, images, config["instruction"], max_new_tokens=budget)
-
-
 def run_points(settings, base_dir, train_rows, val_rows, work_dir):
     """Train and read every point; returns (points, runtimes, base readings)."""
     import shutil
@@ -89,13 +80,13 @@ def run_points(settings, base_dir, train_rows, val_rows, work_dir):
 
     from .lib.modeling import free_memory, generation_budget, load_model, load_processor
     from .lib.runtime import measure
-    from .lib.training import run_training
+    from .lib.training import greedy_readings, run_training
 
     config = settings["config"]
-    processor = load_processor(base_dir)
+    processor = load_processor(base_dir, config["image"])
     budget, _ = generation_budget(processor.tokenizer, [r["ocr_text"] for r in train_rows + val_rows], base_dir,
                                   config["instruction"])
-    base_readings = read_rows(load_model(base_dir), processor, val_rows, config, budget)
+    base_readings = greedy_readings(load_model(base_dir), processor, val_rows, config["instruction"], budget)
     points, runtimes = [], []
     for repeat in range(settings["repeats"]):
         subsets = LC.nested_subsets(train_rows, settings["sizes"], settings["seed"] + repeat)
@@ -116,7 +107,7 @@ def run_points(settings, base_dir, train_rows, val_rows, work_dir):
                     metrics = run_training(point_config, base_dir, rows, val_rows, adapter,
                                            checkpoint_dir=work_dir / "checkpoints", measure_cer=False)
                 model = PeftModel.from_pretrained(load_model(base_dir), str(adapter))
-                readings = read_rows(model, processor, val_rows, config, budget)
+                readings = greedy_readings(model, processor, val_rows, config["instruction"], budget)
             del model
             if not reused:
                 shutil.rmtree(adapter, ignore_errors=True)
@@ -143,7 +134,7 @@ def train_stage_run(config):
         return None
     metrics = read_json(TRAIN_METRICS)
     trained = metrics.get("trained_with") if isinstance(metrics, dict) else None
-    if not isinstance(trained, dict) or any(trained.get(k) != config[k] for k in CURVE_TRAINING_KEYS
+    if not isinstance(trained, dict) or any(trained.get(k) != config[k] for k in (*CURVE_TRAINING_KEYS, "image")
                                              if k != "report_to"):
         return None
     runtime = read_json(TRAIN_RUNTIME) if Path(TRAIN_RUNTIME).is_file() else {}
