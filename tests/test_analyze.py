@@ -83,7 +83,7 @@ def scored_result(rows, name, error_rate, seed):
                         "cer_score": metrics.cer(ref_n, pred_n), "f1_score": metrics.f1(ref_n, pred_n)})
     samples[1] = {**samples[1], "prediction": "", "error": "ReadTimeout after 3 retries"}
     return {"overall_cer": 0.1, "overall_f1": 0.9, "total_samples": len(samples), "model_name": name,
-            "samples_per_s": 2.5 / rate, "evaluated_this_run": len(samples), "samples": samples}
+            "samples_per_s": 2.5 / error_rate, "evaluated_this_run": len(samples), "samples": samples}
 
 
 def write_loss_curves(live_dir):
