@@ -189,8 +189,10 @@ def plot_curve(points, base, fit, path):
         grid = [min(xs) * (fit["predict_at_rows"] / min(xs)) ** (i / 50) for i in range(51)]
         ax.plot(grid, [fit["a"] * n ** -fit["b"] for n in grid], ":", color="C1",
                 label=f"power-law fit, b = {fit['b']:.2f}")
-        ax.plot([fit["predict_at_rows"]], [fit["predicted_val_cer"]], "x", color="C1",
-                label=f"if the trend held: {fit['predicted_val_cer']:.3f} at {fit['predict_at_rows']} rows")
+        lo, hi = fit.get("predicted_val_cer_ci95", (fit["predicted_val_cer"],) * 2)
+        ax.errorbar([fit["predict_at_rows"]], [fit["predicted_val_cer"]], fmt="x", color="C1", capsize=4,
+                    yerr=[[fit["predicted_val_cer"] - lo], [hi - fit["predicted_val_cer"]]],
+                    label=f"if the trend held: {fit['predicted_val_cer']:.3f} at {fit['predict_at_rows']} rows")
     ax.set_xscale("log")
     ax.set_xlabel("training rows (log scale)")
     ax.set_ylabel("validation CER (greedy)")

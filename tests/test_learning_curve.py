@@ -61,7 +61,8 @@ def test_the_sentence_reads_the_last_doubling_and_the_prediction():
            "b_ci95": [0.3, 0.5], "predicted_val_cer_ci95": [0.2, 0.25]}
     text = LC.reading(points, fit, 0.9)
     assert "The last doubling, 20 -> 40 rows, changed CER by -0.1000 (-25%)" in text
-    assert "predicts 0.2200 (95% bootstrap interval 0.2000-0.2500" in text and "at 80 rows" in text
+    assert "(CER x0.76 per doubling), predicts 0.2200 (95% bootstrap interval 0.2000-0.2500" in text
+    assert "at 80 rows" in text
 
 
 def test_stage_runs_in_dvc_and_reruns_only_when_its_params_data_or_code_change(tmp_path):

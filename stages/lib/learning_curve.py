@@ -117,6 +117,7 @@ def reading(points, fit, base_cer):
             interval = f" (95% bootstrap interval {lo:.4f}-{hi:.4f}; exponent b {fit['b']:.2f}, {blo:.2f}-{bhi:.2f})"
         else:
             interval = f" (exponent b {fit['b']:.2f}; no interval: bootstrap_samples is 0)"
-        text += (f" A power law fitted to the points, CER = a * rows^-b, predicts {fit['predicted_val_cer']:.4f}"
-                 f"{interval} at {fit['predict_at_rows']} rows, one more doubling, if the trend held.")
+        text += (f" A power law fitted to the points, CER = a * rows^-b (CER x{2 ** -fit['b']:.2f} per doubling), "
+                 f"predicts {fit['predicted_val_cer']:.4f}{interval} at {fit['predict_at_rows']} rows, one more "
+                 "doubling, if the trend held.")
     return text

@@ -78,7 +78,7 @@ class TrainingConfig:
     finetune_attention_modules: bool = _param(True, "LoRA on attention projections")
     finetune_mlp_modules: bool = _param(True, "LoRA on MLP projections")
     eval_steps: int = _param(25, "evaluate eval_loss every N optimizer steps", minimum=1)
-    val_cer_rows: int = _param(20, "validation rows read greedily at every evaluation for the CER during training "
+    val_cer_rows: int = _param(16, "validation rows read greedily at every evaluation for the CER during training "
                                    "(a fixed seeded sample; 0: none)", minimum=0)
     best_metric: str = _param("eval_loss", "the checkpoint kept: lowest eval_loss or lowest val_cer (needs "
                                            "val_cer_rows > 0)", choices=BEST_METRICS)
