@@ -74,6 +74,16 @@ def test_stage_runs_in_dvc_and_reruns_only_when_its_params_data_or_code_change(t
     assert [pt["train_rows"] for pt in curve["points"]] == [5, len(train)] and curve["val_rows"] == len(val)
     assert all(pt["val_cer_ci95_low"] <= pt["val_cer"] <= pt["val_cer_ci95_high"] for pt in curve["points"])
     assert curve["fit"]["predict_at_rows"] == 2 * len(train) and "rows" in curve["summary"]
+    # 'all' is the train stage's run (same rows, order, config): its adapter is read, not trained again
+    trained = p.json("metrics/train.json")
+    assert [pt["trained_by"] for pt in curve["points"]] == ["learning_curve", "train stage"]
+    assert curve["points"][-1]["val_cer"] == pytest.approx(trained["val_cer"])
+    assert curve["points"][-1]["best_step"] == trained["best_step"]
+    # what a run cost goes to metrics/runtime/ only, never beside the quality figures
+    assert not {"runtime_s", "samples_per_second", "peak_rss_mib", "device"} & set(trained)
+    assert trained["trainable_params"] > 0
+    cost = p.json("metrics/runtime/train.json")
+    assert cost["runtime_s"] > 0 and cost["samples_per_second"] > 0 and cost["peak_rss_mib"] > 0 and cost["device"]
     runtime = p.json("metrics/runtime/learning_curve.json")
     assert [r["train_rows"] for r in runtime["points"]] == [5, len(train)]
     assert all(r["peak_rss_mib"] > 0 and r["point_wall_s"] > 0 for r in runtime["points"])
