@@ -5,8 +5,10 @@
    never replaces a value behind your back; `python -m stages.search --apply-best` writes its
    best values into params.yaml, where `dvc params diff` shows them and git records them.
 2. The non-test rows are split into train/validation (val_ratio, seed; whole documents).
-3. TRL SFTTrainer, loss on the answer only, LoRA on the linear layers the finetune_* flags
-   pick (the projector trained fully); unsloth on CUDA when installed (`backend`).
+3. TRL SFTTrainer with the project's own batches (training.OcrCollator: the image loader, the
+   prompt, params `image:`, loss on the answer only), LoRA on the linear layers the finetune_* flags
+   pick (the projector trained fully); unsloth's model on CUDA when installed (`backend`), the same
+   batches and modules.
    eval_loss every eval_steps; the best checkpoint is kept. dvclive writes plots/train/.
    With val_cer_rows > 0, also the greedy CER on that many validation rows at every evaluation
    (plots/train/.../eval/val_cer.tsv); best_metric val_cer keeps the checkpoint with the lowest one.

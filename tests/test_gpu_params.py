@@ -4,7 +4,6 @@ the tiny demo's values on a real checkpoint are warned about."""
 import shlex
 import shutil
 
-import pytest
 import yaml
 
 from conftest import ROOT
