@@ -186,7 +186,7 @@ def read_samples(path, top_k):
         except ImageError as err:
             raise UserError(f"{path}: row {i}: image {err}") from None
     return [{"image_path": r["image_path"], "image_sha256": r.get("image_sha256") or content_hash(r["image_path"]),
-             "label": r["ocr_text"]} for r in rows]
+             "label": r["ocr_text"], **({"tags": r["tags"]} if r.get("tags") else {})} for r in rows]
 
 
 def model_folder(path):

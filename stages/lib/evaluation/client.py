@@ -208,7 +208,7 @@ def sample_key(sample):
     return f"{sample.get('image_path')}\x00{sample.get('image_sha256')}\x00{sample.get('label')}"
 
 
-SCORED_FIELDS = {"image_path", "image_sha256", "label", "prediction", "cer_score", "f1_score", "error"}
+SCORED_FIELDS = {"image_path", "image_sha256", "label", "tags", "prediction", "cer_score", "f1_score", "error"}
 
 
 def score_record(sample, outcome):
@@ -217,6 +217,8 @@ def score_record(sample, outcome):
     `outcome` is a fresh predict() result or a record reused from an earlier run: scores are
     always recomputed, so a change in the metrics code reaches resumed samples too."""
     record = {"image_path": sample["image_path"], "image_sha256": sample.get("image_sha256"), "label": sample["label"]}
+    if sample.get("tags"):
+        record["tags"] = sample["tags"]   # from the split (a raw row's tags): the score stage reports per tag
     if "error" in outcome:
         record.update(prediction=None, cer_score=None, f1_score=None, error=outcome["error"],
                       attempts=outcome.get("attempts"))
