@@ -30,6 +30,7 @@ from .. import metrics
 from ..images import ImageError
 from ..io import atomic_write_json
 from ..prompt import chat_messages
+from .confidence import mean_logprob
 
 
 class SampleError(Exception):
@@ -87,7 +88,7 @@ class Endpoints:
 
 class ChatClient:
     def __init__(self, url, model_name, instruction, *, max_tokens, stop=None, timeout=60.0,
-                 max_retries=3, backoff_s=0.5, max_backoff_s=10.0):
+                 max_retries=3, backoff_s=0.5, max_backoff_s=10.0, logprobs=False):
         urls = [url] if isinstance(url, str) else list(url)
         self.endpoints = Endpoints(f"{u}/v1/chat/completions" for u in urls)
         self.model_name = model_name
@@ -98,6 +99,7 @@ class ChatClient:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.logprobs = logprobs   # ask for token log-probabilities (only servers that give them: confidence.py)
         self.stopping = threading.Event()   # set on Ctrl-C: no more retries
         self._local = threading.local()
         self._sessions = []
@@ -129,6 +131,8 @@ class ChatClient:
                 "temperature": self.generation["temperature"], "max_tokens": self.max_tokens}
         if self.stop:
             body["stop"] = self.stop
+        if self.logprobs:
+            body["logprobs"] = True
         return body
 
     def body(self, image_path):
@@ -197,6 +201,8 @@ class ChatClient:
         outcome = {"prediction": content, "completion_tokens": usage.get("completion_tokens"),
                    "prompt_tokens": usage.get("prompt_tokens"), "finish_reason": choice.get("finish_reason"),
                    "latency_s": round(latency, 4), "attempts": attempt + 1}
+        if self.logprobs:
+            outcome["confidence"] = mean_logprob(choice)
         if len(self.endpoints.urls) > 1:
             outcome["endpoint"] = endpoint.removesuffix("/v1/chat/completions")
         return outcome, None, True
