@@ -18,6 +18,7 @@ output file safe: progress is written atomically every save_interval finished sa
 samples already done and redoes only the missing and the failed ones.
 """
 import json
+import math
 import random
 import threading
 import time
@@ -30,7 +31,6 @@ from .. import metrics
 from ..images import ImageError
 from ..io import atomic_write_json
 from ..prompt import chat_messages
-from .confidence import mean_logprob
 
 
 class SampleError(Exception):
@@ -206,6 +206,15 @@ class ChatClient:
         if len(self.endpoints.urls) > 1:
             outcome["endpoint"] = endpoint.removesuffix("/v1/chat/completions")
         return outcome, None, True
+
+
+def mean_logprob(choice):
+    """The server_logprobs confidence (stages/lib/evaluation/confidence.py) of one chat-completions
+    choice: the mean of its tokens' log-probabilities; None when it has none."""
+    content = (choice.get("logprobs") or {}).get("content")
+    values = [t.get("logprob") for t in content if isinstance(t, dict)] if isinstance(content, list) else []
+    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
 
 
 def sample_key(sample):

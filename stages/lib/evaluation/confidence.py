@@ -19,23 +19,13 @@ document's `confidence_source`, one of:
 The figures of different sources are not on one scale: compare samples within one run only (the
 score stage's deciles and review list do).
 """
-import math
 import sys
 
 from ..io import atomic_write_json, read_json
+from .client import mean_logprob  # noqa: F401 - server_logprobs: computed where the reply is read
 
 SERVER_LOGPROBS, TEACHER_FORCED = "server_logprobs", "teacher_forced"
 PADDLEOCR_SCORES, TESSERACT_WORDS = "paddleocr_scores", "tesseract_words"
-
-
-def mean_logprob(choice):
-    """server_logprobs of one chat-completions choice, or None when it has none."""
-    content = (choice.get("logprobs") or {}).get("content")
-    if not isinstance(content, list) or not content:
-        return None
-    values = [t.get("logprob") for t in content if isinstance(t, dict)]
-    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    return sum(values) / len(values) if values else None
 
 
 def serves_logprobs(models):
