@@ -1,6 +1,7 @@
 """The summary's sections on the score stage's details (metrics/score_details.json): paired
 comparisons, failure modes, scoring views, tags and confidence, as Markdown lines. Missing parts
 (an older details file, a run without tags or confidence) are left out, never invented."""
+from . import paired
 from .failures import FLAGS
 from .metrics import VIEWS
 
@@ -17,9 +18,7 @@ def num(value, fmt=".4f"):
 
 
 def p_text(p):
-    if not isinstance(p, (int, float)):
-        return "p n/a"
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+    return paired.p_text(p) if isinstance(p, (int, float)) else "p n/a"
 
 
 def interval(block, key, fmt="+.4f"):
