@@ -3,9 +3,21 @@
 One file (the original's count_score):
     python -m stages.score --input results/x.json --output results/x_norm.json
 The DVC stage (no --input): results/NAME.json of every run of params.yaml `runs` (stages/lib/runs.py)
--> scored/NAME.json, metrics/score.json (the main run's figures at the top level, the others under
-`baselines.NAME`; `truncated_predictions` counts finish_reason "length", with a warning),
-plots/score/cer_histogram.{csv,png} and plots/score/cer_by_length.{csv,png}.
+-> scored/NAME.json; metrics/score_details.json, every figure (the main run's at the top level, the
+others under `baselines.NAME`; `truncated_predictions` counts finish_reason "length", with a
+warning), with per run the scoring views (stages/lib/metrics.py VIEWS), the per-tag table and the
+confidence figures (stages/lib/breakdowns.py), and `pairs.MAIN_vs_NAME`, the paired comparison of
+the main run with each other run (stages/lib/paired.py; each main-run sample gets `paired.NAME`:
+its CER and F1 minus the other run's on the same page, null where that run has none);
+metrics/score.json, the DVC metric, only the headline figures (the main run's CER/F1 with
+intervals, the others' CER/F1, every run's failure-mode rates, every pair's differences, intervals
+and p-values); review/NAME.csv (least confident first); plots/score/cer_histogram.{csv,png},
+cer_by_length.{csv,png}, cer_by_confidence.{csv,png} and tags/NAME.png.
+
+Failure modes: every scored sample gets `flags`, the failure modes it shows, as defined (each
+one precisely) in stages/lib/failures.py: repetition, text_on_empty, chatter, markup, truncated,
+empty, script_confusion, length_ratio; the document gets `failures` (counts) and `failure_rates`
+(shares of the scored samples). A failed sample's flags are null. Both modes compute them.
 
 Input: an evaluation output {"overall_cer", "overall_f1", "total_samples", "timestamp", "model_name",
 "samples": [{"image_path", "label", "prediction", "cer_score", "f1_score", ...}], ...}.
