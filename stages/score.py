@@ -245,7 +245,7 @@ def draw_bars(categories, series, xlabel, ylabel, title, path):
 
 def metrics_block(summary):
     """Figures as they go to metrics/score.json (floats rounded for readable `dvc metrics diff`)."""
-    return {k: round(v, 6) if isinstance(v, float) else v for k, v in summary.items()}
+    return rounded(summary)
 
 
 def score_one(args):

@@ -17,7 +17,8 @@ HTML-like tag, does not make its own faithful transcription fire.
                       PREAMBLE, or its last non-empty line matches CLOSING (case-insensitive;
                       English and Chinese phrasings such as "Here's the text extracted from the
                       image:", "Sure!", "以下是圖片中的文字", "Let me know if ..."), and L holds no
-                      line matching the same pattern, and p is longer than l (the remark adds text).
+                      line matching the same pattern, and p is at least CHATTER_MIN_EXTRA characters
+                      longer than l (the remark adds text).
     markup            for one of the kinds emphasis (**x** or __x__ within a line), heading (a line
                       starting with 1-6 '#' and a space), code fence (```), HTML tag (<b>, </p>,
                       <br/>, ...), P holds more occurrences than L. Checked only where P != L and P
@@ -27,8 +28,8 @@ HTML-like tag, does not make its own faithful transcription fire.
                       blank page read as blank; this flag does not).
     script_confusion  P holds a character c that L does not hold, while L holds a character c' != c
                       with fold(c) == fold(c'), fold being OpenCC's `tw2s` (Taiwan Traditional to
-                      Simplified, Taiwan variants included) of the single character: 税 for 稅,
-                      着 for 著, 裏 for 裡. Checked only where l != p and p holds a CJK ideograph.
+                      Simplified, Taiwan variants included) of the single character (CJK ideographs
+                      of the BMP; others fold to themselves): 税 for 稅, 着 for 著, 裏 for 裡.
     length_ratio      l and p are both non-empty and len(p) / len(l) > LENGTH_RATIO or
                       < 1 / LENGTH_RATIO (normalized lengths).
 
@@ -41,6 +42,7 @@ import sys
 
 REPEAT_MIN_UNIT, REPEAT_MAX_UNIT, REPEAT_MIN_COPIES = 4, 200, 3
 LENGTH_RATIO = 2.0
+CHATTER_MIN_EXTRA = 2   # the shortest remark PREAMBLE/CLOSING know ("ok", "如需") is 2 characters
 FLAGS = ("repetition", "text_on_empty", "chatter", "markup", "truncated", "empty", "script_confusion",
          "length_ratio")
 
@@ -61,7 +63,6 @@ MARKUP = {
     "html": re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>\n]*)?/?>"),
 }
 MARKUP_CHARS = re.compile(r"[*_#`<]")
-CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
 
 
 def repetition(label, prediction):
@@ -75,13 +76,12 @@ def repetition(label, prediction):
 
 
 def chatter(label, prediction):
-    lines = [line for line in prediction.splitlines() if line.strip()]
-    if not lines:
-        return False
-    label_lines = label.splitlines()
-    if PREAMBLE.match(lines[0]) and not any(PREAMBLE.match(line) for line in label_lines):
+    # PREAMBLE starts with \s* and its '.' stops at a newline: matching the whole text matches its
+    # first non-empty line.
+    if PREAMBLE.match(prediction) and not any(PREAMBLE.match(line) for line in label.splitlines()):
         return True
-    return bool(CLOSING.search(lines[-1])) and not any(CLOSING.search(line) for line in label_lines)
+    last = prediction.rstrip().rpartition("\n")[2]
+    return bool(CLOSING.search(last)) and not any(CLOSING.search(line) for line in label.splitlines())
 
 
 def markup(label, prediction):
@@ -95,43 +95,28 @@ def _converter():
     return opencc.OpenCC("tw2s")
 
 
-def fold(char):
-    """OpenCC tw2s of one character; the character itself when that is not one character."""
-    folded = _converter().convert(char)
-    return ord(folded) if len(folded) == 1 else ord(char)
+CJK_RANGES = ((0x3400, 0x9FFF), (0xF900, 0xFAFF))   # the BMP's ideographs: what OpenCC's tables cover
 
 
 @functools.cache
-def fold_array():
-    """fold() of every code point (CJK ideographs only; the rest map to themselves), filled in
-    as texts use them (UNSET until then)."""
+def fold_tables():
+    """(fold, involved): numpy arrays over every code point. fold: OpenCC tw2s of the character
+    (itself outside CJK_RANGES, or where tw2s gives more than one character); involved: True for
+    the characters of some pair c != c' with fold(c) == fold(c') (those tw2s changes, and what they
+    become). Built at once: one OpenCC call on the ~28,000 ideographs joined by newlines (~0.05 s)."""
     import numpy as np
 
-    return np.full(sys.maxunicode + 1, UNSET, dtype=np.uint32)
-
-
-UNSET = 0xFFFFFFFF
-CJK_RANGES = ((0x3400, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x3134F))
-
-
-def is_cjk(code_points):
-    import numpy as np
-
-    return np.logical_or.reduce([(code_points >= lo) & (code_points <= hi) for lo, hi in CJK_RANGES])
-
-
-def folded(code_points):
-    """fold() of an array of CJK code points, through the cached table."""
-    import numpy as np
-
-    table = fold_array()
-    out = table[code_points]
-    unset = out == UNSET
-    if unset.any():
-        for code in np.unique(code_points[unset]).tolist():
-            table[code] = fold(chr(code))
-        out = table[code_points]
-    return out
+    codes = np.concatenate([np.arange(lo, hi + 1) for lo, hi in CJK_RANGES])
+    folded = _converter().convert("\n".join(map(chr, codes.tolist()))).split("\n")
+    if len(folded) != len(codes):   # not seen with opencc 1.4.2; one call per character then
+        folded = [_converter().convert(chr(code)) for code in codes.tolist()]
+    fold = np.arange(sys.maxunicode + 1, dtype=np.uint32)
+    involved = np.zeros(sys.maxunicode + 1, dtype=bool)
+    for code, text in zip(codes.tolist(), folded):
+        if len(text) == 1 and ord(text) != code:
+            fold[code] = ord(text)
+            involved[code] = involved[ord(text)] = True
+    return fold, involved
 
 
 def code_points_of(texts):
@@ -146,8 +131,8 @@ def code_points_of(texts):
 def script_confusions(labels, predictions, block=2048):
     """script_confusion of many normalized pairs (bool array), in numpy, a block of pairs at a
     time: a character key is (pair index in the block << 21 | code point), 32 bits as in
-    metrics.key_counts. A prediction's CJK character whose key the label lacks, and whose folded
-    key is among the label's CJK characters' folded keys, is a confusion."""
+    metrics.key_counts. A prediction's character whose key the label lacks, and whose folded key
+    is among the label's characters' folded keys, is a confusion."""
     import numpy as np
 
     hits = [block_script_confusions(labels[start:start + block], predictions[start:start + block])
@@ -158,11 +143,12 @@ def script_confusions(labels, predictions, block=2048):
 def block_script_confusions(labels, predictions):
     import numpy as np
 
+    fold, involved = fold_tables()
     ref_cp, ref_pair = code_points_of(labels)
     pred_cp, pred_pair = code_points_of(predictions)
-    keep = is_cjk(pred_cp)
+    keep = involved[pred_cp]   # a confusion pairs two involved characters: drop the rest first
     pred_cp, pred_pair = pred_cp[keep], pred_pair[keep] << np.uint32(21)
-    keep = is_cjk(ref_cp)
+    keep = involved[ref_cp]
     ref_cp, ref_pair = ref_cp[keep], ref_pair[keep] << np.uint32(21)
     hit = np.zeros(len(labels), dtype=bool)
     if len(pred_cp) == 0 or len(ref_cp) == 0:
@@ -171,7 +157,7 @@ def block_script_confusions(labels, predictions):
     if not extra.any():
         return hit
     pred_cp, pred_pair = pred_cp[extra], pred_pair[extra]
-    found = contains(np.sort(ref_pair | folded(ref_cp)), pred_pair | folded(pred_cp))
+    found = contains(np.sort(ref_pair | fold[ref_cp]), pred_pair | fold[pred_cp])
     hit[pred_pair[found] >> np.uint32(21)] = True
     return hit
 
@@ -184,15 +170,15 @@ def contains(sorted_keys, keys):
     return sorted_keys[at] == keys
 
 
-def has_markup_char(texts):
-    """Whether each text holds one of * _ # ` < (bool array)."""
+def markup_candidates(texts):
+    """Indices of the texts that hold one of * _ # ` <: one regex scan of all of them joined (the
+    characters are rare), each hit's text found from the texts' start offsets."""
     import numpy as np
 
-    code_points, owner = code_points_of(texts)
-    marked = np.zeros(len(code_points), dtype=bool)
-    for char in "*_#`<":
-        marked |= code_points == ord(char)
-    return np.bincount(owner[marked], minlength=len(texts)) > 0
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    starts = np.cumsum(lengths) - lengths + np.arange(len(texts))   # one separator after each text
+    hits = [m.start() for m in MARKUP_CHARS.finditer("\n".join(texts))]
+    return np.unique(np.searchsorted(starts, hits, side="right") - 1).tolist() if hits else []
 
 
 def flag_samples(labels, predictions, norm_labels, norm_preds, scores, finish_reasons):
@@ -215,11 +201,11 @@ def flag_samples(labels, predictions, norm_labels, norm_preds, scores, finish_re
     for i in np.flatnonzero(longer & (pred_len >= REPEAT_MIN_UNIT * REPEAT_MIN_COPIES)
                             & (pred_len >= ref_len + REPEAT_MIN_UNIT)).tolist():
         fired["repetition"][i] = repetition(norm_labels[i], norm_preds[i])
-    for i in np.flatnonzero(longer).tolist():
+    for i in np.flatnonzero(differ & (pred_len >= ref_len + CHATTER_MIN_EXTRA)).tolist():
         fired["chatter"][i] = chatter(labels[i], predictions[i])
-    for i in np.flatnonzero(has_markup_char(predictions)).tolist():
+    for i in markup_candidates(predictions):
         fired["markup"][i] = labels[i] != predictions[i] and markup(labels[i], predictions[i])
-    candidates = np.flatnonzero(differ)
+    candidates = np.flatnonzero(differ & (scores["common"] < pred_len))   # else no character of p is new
     if len(candidates):
         hits = script_confusions([norm_labels[i] for i in candidates.tolist()],
                                  [norm_preds[i] for i in candidates.tolist()])
