@@ -45,6 +45,7 @@ from pathlib import Path
 from .lib import params as P
 from .lib.cli import UserError, run_main
 from .lib.evaluation.engines import ENGINES as OCR_ENGINES, load_engine
+from .lib.evaluation import confidence
 from .lib.evaluation.client import ChatClient, load_previous, run_samples
 from .lib.images import ImageError, content_hash, page_count, split_ref
 from .lib.io import atomic_write_json, read_split
@@ -188,7 +189,7 @@ def read_samples(path, top_k):
         except ImageError as err:
             raise UserError(f"{path}: row {i}: image {err}") from None
     return [{"image_path": r["image_path"], "image_sha256": r.get("image_sha256") or content_hash(r["image_path"]),
-             "label": r["ocr_text"]} for r in rows]
+             "label": r["ocr_text"], **({"tags": r["tags"]} if r.get("tags") else {})} for r in rows]
 
 
 def model_folder(path):
@@ -256,7 +257,7 @@ def model_servers(args, folder):
 
 
 def evaluate(args, samples, predict, identity, model_name, server_info, generation=None, stopping=None,
-             servers=()):
+             servers=(), confidence_source=None):
     """Run (resuming), write the final document, fail when too many samples failed. `generation`:
     the model's request settings (None for an engine); `servers`: managed Servers (their logs are
     kept and named when samples failed)."""
@@ -271,6 +272,7 @@ def evaluate(args, samples, predict, identity, model_name, server_info, generati
               "top_k": args.top_k}
     if generation is not None:
         header["generation"] = generation
+    header["confidence_source"] = confidence_source   # stages/lib/evaluation/confidence.py
     records, summary = run_samples(samples, predict, workers=args.workers, output_path=args.output_file,
                                    header=header, save_interval=args.save_interval, previous=previous,
                                    desc=Path(args.output_file).stem, on_interrupt=stopping)
@@ -341,16 +343,17 @@ def main(argv=None):
         info = engine.identity(args.engine_settings)
         predict = engine.predictor(args.engine_settings, args.timeout)
         name = " ".join([args.engine, *(f"{k}={v}" for k, v in args.engine_settings.items())])
-        evaluate(args, samples, predict, info, name, info)
+        evaluate(args, samples, predict, info, name, info, confidence_source=getattr(engine, "CONFIDENCE", None))
         return
     folder = None if args.url else model_folder(args.model_dir)
     if args.max_tokens == "auto":
         args.max_tokens = auto_max_tokens(folder, samples, args.instruction)
     with model_servers(args, folder) as servers:
         server, urls = servers[0], [s.url for s in servers]
+        logprobs = server.engine == "vllm" or confidence.serves_logprobs(server.models)
         client = ChatClient(urls, server.model_name, args.instruction, max_tokens=args.max_tokens,
                             stop=args.stop if server.accepts_stop else [], timeout=args.timeout, max_retries=args.max_retries,
-                            backoff_s=args.retry_backoff)
+                            backoff_s=args.retry_backoff, logprobs=logprobs)
         if server.engine == "external":
             identity = {"url" if len(urls) == 1 else "urls": urls[0] if len(urls) == 1 else sorted(urls),
                         "model": server.model_name, "served": served_ids(server.models)}
@@ -359,11 +362,18 @@ def main(argv=None):
                         "image": args.image, "files": folder_identity(folder)}
         info = {"engine": server.engine, "url": server.url, "urls": urls, "managed": server.engine != "external",
                 "models": server.models}
+        # The managed transformers server gives no log-probabilities: the served folder scores the
+        # predictions afterwards (teacher_forced); an external server without them gives none.
+        teacher = server.engine == "transformers" and not logprobs
+        source = confidence.SERVER_LOGPROBS if logprobs else confidence.TEACHER_FORCED if teacher else None
         try:
             evaluate(args, samples, client.predict, identity, server.model_name, info, client.generation,
-                     client.stopping.set, servers=servers if server.engine != "external" else ())
+                     client.stopping.set, servers=servers if server.engine != "external" else (),
+                     confidence_source=source)
         finally:
             client.close()
+    if teacher:
+        confidence.add_teacher_forced(args.output_file, folder, args.instruction)
 
 
 if __name__ == "__main__":

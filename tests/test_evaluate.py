@@ -69,6 +69,10 @@ def test_real_server_end_to_end(tiny_base_dir, tiny_rows_file, tmp_path):
         assert SAMPLE_FIELDS <= set(sample) and "error" not in sample and isinstance(sample["prediction"], str)
     assert doc["failed_count"] == 0 and doc["samples_per_s"] > 0 and doc["overall_cer"] is not None
     assert processes_mentioning(str(tiny_base_dir)) == []
+    # transformers serve gives no log-probabilities: the served folder scored each prediction afterwards
+    assert doc["confidence_source"] == "teacher_forced"
+    confidences = [s["confidence"] for s in doc["samples"]]
+    assert all(isinstance(c, float) and c <= 0 for c in confidences) and len(set(confidences)) > 1
 
 
 def test_sigkill_then_rerun_loses_and_duplicates_nothing(tiny_rows, tmp_path):
@@ -178,6 +182,8 @@ def test_tesseract_engine_uses_the_same_format(tiny_rows, tmp_path):
     assert [s["image_path"] for s in doc["samples"]] == [r["image_path"] for r in rows]
     assert all(SAMPLE_FIELDS <= set(s) and s["prediction"] for s in doc["samples"])
     assert doc["overall_f1"] > 0.5   # Tesseract reads these rendered lines well
+    assert doc["confidence_source"] == "tesseract_words"
+    assert all(0 < s["confidence"] <= 1 for s in doc["samples"])
 
 
 def test_top_k_and_model_folder(tmp_path, tiny_base_dir):
