@@ -381,7 +381,8 @@ def curve_and_cost_markdown(inputs):
         lines += ["", curve["summary"] + " Figure: `plots/learning_curve/learning_curve.png`."]
     rows = []
     if costs["train"]:
-        rows.append(("final training", train.get("train_rows"), train.get("trainable_params"), costs["train"]))
+        rows.append(("final training", costs["train"].get("train_rows", train.get("train_rows")),
+                     train.get("trainable_params"), costs["train"]))
     params_by_point = {(p.get("train_rows"), p.get("repeat")): p.get("trainable_params") for p in curve.get("points", [])}
     for point in costs["learning_curve"].get("points", []):
         key = (point.get("train_rows"), point.get("repeat"))
@@ -392,7 +393,8 @@ def curve_and_cost_markdown(inputs):
                   "|---|---|---|---|---|---|---|---|"]
         for name, n, trainable, cost in rows:
             wall = cost.get("point_wall_s", cost.get("runtime_s"))
-            cells = [name, n, f"{trainable:,}" if isinstance(trainable, int) else "n/a", _number(wall, 1),
+            cells = [name, n if isinstance(n, int) else "n/a", f"{trainable:,}" if isinstance(trainable, int) else "n/a",
+                     _number(wall, 1),
                      _number(cost.get("samples_per_second"), 1), _number(cost.get("peak_rss_mib"), 0),
                      _number(cost.get("cuda_max_memory_allocated_mib"), 0), cost.get("device", "n/a")]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")

@@ -167,7 +167,7 @@ def write_curve_and_costs(root):
         {"train_rows": 20, "repeat": 0, "point_wall_s": 12.34, "runtime_s": 9.0, "samples_per_second": 55.5,
          "peak_rss_mib": 812.0, "cuda_max_memory_allocated_mib": None, "device": "cpu: test, 2 cores"}]}))
     (root / "metrics/runtime/train.json").write_text(json.dumps({
-        "runtime_s": 54.7, "samples_per_second": 82.8, "peak_rss_mib": 900.4, "cuda_max_memory_allocated_mib": None,
+        "train_rows": 180, "runtime_s": 54.7, "samples_per_second": 82.8, "peak_rss_mib": 900.4, "cuda_max_memory_allocated_mib": None,
         "device": "cpu: test, 2 cores"}))
     (root / "plots/learning_curve").mkdir(parents=True)
     (root / "plots/learning_curve/learning_curve.csv").write_text(
@@ -252,7 +252,7 @@ def test_summary_reads_the_curve_and_what_runs_cost(project, stage_run):
     assert "Learning curve (validation CER, greedy; base 0.7000): 20 rows 0.3000." in summary
     lines = summary.splitlines()
     train = next(line for line in lines if line.startswith("| final training"))
-    assert "| 54.7 | 82.8 | 900 |" in train and "cpu: test, 2 cores" in train
+    assert train.startswith("| final training | 180 | n/a | 54.7 | 82.8 | 900 | n/a |") and "cpu: test, 2 cores" in train
     point = next(line for line in lines if line.startswith("| curve point"))
     assert "| 20 | 180,352 | 12.3 | 55.5 | 812 | n/a |" in point
     assert "fine-tuned 5.00 pages/s (30 pages this run)" in summary   # the results' samples_per_s
