@@ -28,7 +28,7 @@ import sys
 
 from .lib import params as P
 from .lib import launch
-from .lib.cli import UserError, run_main
+from .lib.cli import UserError, record_runtime, run_main
 from .lib.io import atomic_write_json, read_split
 from .lib.modeling import resolve_base_dir
 from .lib.training import TRAINING_KEYS, choose_backend, run_training, split_train_val, training_config
@@ -38,6 +38,7 @@ OUT_DIR = "models/lora"
 CHECKPOINTS = "models/checkpoints/train"
 LIVE_DIR = "plots/train"
 METRICS = "metrics/train.json"
+SMALL_VALIDATION = 20   # fewer validation rows than this: warned about, with the CER's interval
 PARAMS = list(TRAINING_KEYS)
 
 
@@ -62,6 +63,9 @@ def main(argv=None):
     if not worker:
         print(f"train: {len(train_rows)} training / {len(val_rows)} validation rows; base {base_dir}; "
               f"backend {backend}; lora_r {config['lora_r']}, learning_rate {config['learning_rate']:g}")
+        if len(val_rows) < SMALL_VALIDATION:
+            print(f"train: warning: only {len(val_rows)} validation rows (fewer than {SMALL_VALIDATION}): eval_loss, "
+                  f"the best checkpoint and the validation CER rest on them (raise val_ratio or add data)")
     if n > 1 and not worker:  # start n copies of this command under torchrun; they do the training
         check_devices(n)
         log = f"{args.checkpoints}.log"
@@ -75,9 +79,17 @@ def main(argv=None):
     if metrics is None:  # a torchrun worker other than rank 0: it writes nothing
         return
     metrics["trained_with"] = config
+    # machine-varying: metrics/runtime/train.json, not metrics/train.json
+    runtime = {key: metrics.pop(key) for key in ("runtime_s", "samples_per_second")}
+    record_runtime(train_s=runtime["runtime_s"], train_samples_per_second=runtime["samples_per_second"])
     atomic_write_json(args.metrics, metrics)
-    print(f"train: eval_loss {metrics['eval_loss']:.4f}, validation CER {metrics['val_cer']:.4f} "
-          f"(base {metrics['val_cer_base']:.4f}), {metrics['runtime_s']} s -> {args.output}")
+    print(f"train: eval_loss {metrics['eval_loss']:.4f}, validation CER (raw text, {len(val_rows)} rows) "
+          f"{metrics['val_cer']:.4f} [95% CI {metrics['val_cer_ci95_low']:.4f}, {metrics['val_cer_ci95_high']:.4f}] "
+          f"(base {metrics['val_cer_base']:.4f}), {runtime['runtime_s']} s -> {args.output}")
+    if len(val_rows) < SMALL_VALIDATION:
+        print(f"train: warning: the validation CER rests on {len(val_rows)} rows: anything in "
+              f"[{metrics['val_cer_ci95_low']:.4f}, {metrics['val_cer_ci95_high']:.4f}] is as likely; "
+              f"the test split's figures (normalize-score) are the ones to compare")
 
 
 def check_devices(n):

@@ -18,8 +18,9 @@ Contract (signatures are stable):
       output_dir + ".checkpoints"; git-ignored, deleted after a finished run). Returns the
       final metrics: train_loss, eval_loss (of the saved best adapter), best_eval_loss,
       best_step, global_step, runtime_s, samples_per_second, trainable_params, total_params,
-      backend, and with measure_cer val_cer / val_cer_base (greedy CER on val_rows of the
-      fine-tuned model and of the base: the same model with its adapter disabled), num_processes and
+      backend, and with measure_cer val_cer / val_cer_base (greedy CER, raw text, on val_rows of the
+      fine-tuned model and of the base: the same model with its adapter disabled; val_cer_ci95_low/high
+      its bootstrap interval), num_processes and
       distributed_backend (gloo, nccl; None for one process). Under torchrun (num_processes > 1,
       stages/lib/launch.py) only rank 0 writes and returns the metrics; the other ranks return None.
   choose_backend(config) -> "unsloth" | "transformers" (UserError for what cannot run here:
@@ -342,7 +343,7 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
     from trl import SFTTrainer
 
     from .io import atomic_dir, read_json
-    from .metrics import corpus_cer
+    from .metrics import bootstrap_intervals, corpus_cer, score_pairs
     from .modeling import generation_budget, read_images
 
     checkpoint_dir = Path(checkpoint_dir or f"{output_dir}.checkpoints")
@@ -416,8 +417,11 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
             return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bool(trainer.args.bf16))
         cut, cut_base = {}, {}
         with amp():
-            metrics["val_cer"] = corpus_cer(refs, read_images(model, processor, images, config["instruction"],
-                                                              max_new_tokens=budget, stats=cut))
+            preds = read_images(model, processor, images, config["instruction"], max_new_tokens=budget, stats=cut)
+        metrics["val_cer"] = corpus_cer(refs, preds)
+        # how far a few validation rows can be trusted (train.py warns on a tiny split with it)
+        (low, high), _ = bootstrap_intervals(score_pairs(refs, preds), 1000, config["seed"])
+        metrics.update(val_cer_ci95_low=low, val_cer_ci95_high=high)
         with amp(), model.disable_adapter():
             metrics["val_cer_base"] = corpus_cer(refs, read_images(model, processor, images, config["instruction"],
                                                                    max_new_tokens=budget, stats=cut_base))

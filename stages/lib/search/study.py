@@ -19,7 +19,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from datetime import timezone
 from pathlib import Path
 
-from ..cli import UserError
+from ..cli import UserError, record_runtime
 from ..io import atomic_write_json, atomic_write_text
 from .space import make_pruner, make_sampler, suggest
 
@@ -333,12 +333,9 @@ def write_trials_csv(study, path, space_names):
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["trial", "state", "value", "duration_s", *space_names, "best_step", "last_step",
-                     "worker", "error"])
+    writer.writerow(["trial", "state", "value", *space_names, "best_step", "last_step", "worker", "error"])
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        r = trial_record(t)
         writer.writerow([t.number, t.state.name, t.value if t.state.name == "COMPLETE" else "",
-                         "" if r["duration_s"] is None else r["duration_s"],
                          *[t.params.get(n, "") for n in space_names],
                          t.user_attrs.get("best_step", ""),
                          max(t.intermediate_values) if t.intermediate_values else "",
@@ -374,7 +371,7 @@ def write_outputs(study, settings, out_dir, *, skipped):
     write_trials_csv(study, out_dir / "trials.csv", names)
     c = counts(study)
     info = {"params": {}, "trial": None, "value": None, "objective": settings["objective"],
-            "study_name": study.study_name, "timestamp": last_finished(study), "skipped": skipped,
+            "study_name": study.study_name, "skipped": skipped,
             "trials": {"complete": c["COMPLETE"], "pruned": c["PRUNED"], "failed": c["FAIL"]},
             "adapter": None}
     if not skipped:
@@ -388,4 +385,8 @@ def write_outputs(study, settings, out_dir, *, skipped):
     config = training_config(settings["fixed"], overrides=info["params"])
     atomic_write_json(out_dir / "best_config.json", config)
     atomic_write_json(out_dir / "best_params.json", info)
+    # times vary by machine: metrics/runtime/search.json, not the files above (a re-run elsewhere
+    # that finds the same trials leaves them byte for byte)
+    record_runtime(last_trial_finished=last_finished(study),
+                   trial_seconds={r["trial"]: r["duration_s"] for r in map(trial_record, study.get_trials(deepcopy=False))})
     return info
