@@ -179,6 +179,8 @@ def test_prune_fail_skip_resume_with_workers(project, capsys):
     assert code == 0, err
     skipped = json.loads(Path("models/search/best_params.json").read_text())
     assert skipped["skipped"] is True and skipped["params"] == {} and skipped["trial"] is None
+    # never an empty folder: DVC would warn "'models/search/trials' is empty" on every skipped search
+    assert [p.name for p in Path("models/search/trials").iterdir()] == ["README.txt"]
     config = json.loads(Path("models/search/best_config.json").read_text())
     assert config["learning_rate"] == yaml.safe_load(Path("params.yaml").read_text())["learning_rate"]
 

@@ -331,7 +331,8 @@ def assert_search_skipped(p, output):
     best = p.json("models/search/best_params.json")
     assert best["skipped"] is True and best["params"] == {}
     trials = p.root / "models/search/trials"
-    assert trials.is_dir() and not any(trials.iterdir())
+    assert [f.name for f in trials.iterdir()] == ["README.txt"]   # no trial folder, and not empty
+    assert "is empty" not in output, output
 
 
 def test_skipping_the_search_works_through_dvc_repro_on_a_fresh_clone(tmp_path):

@@ -1,14 +1,29 @@
 """How every stage reports bad input (one line on stderr, exit code 2, no traceback), and where
 it records what varies by machine (metrics/runtime/STAGE.json when DVC runs it)."""
+import logging
 import os
 import platform
 import resource
 import sys
 import time
+import warnings
 
 
 class UserError(Exception):
     """A problem the user can fix (bad file, field or parameter). Message is one line."""
+
+
+def silence_known_harmless_warnings():
+    """Library messages a user cannot act on, filtered where they come from (exact texts; others stay)."""
+    # bitsandbytes 0.50 on CPUs with AVX512-BF16 tries an optional Hub kernel (the `kernels` package)
+    # when it is imported (peft imports it), logs this, and uses its own kernel: nothing is lost.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
+    # transformers 5.x deprecated `is_gradient_checkpointing`; TRL and PEFT still read it (not our code).
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+silence_known_harmless_warnings()   # every stage imports this module before any library
 
 
 # Machine-varying figures a stage adds to its runtime file (seconds of one phase, samples/s, ...).

@@ -308,6 +308,10 @@ def sft_config(config, checkpoint_dir, backend):
     # steps, the schedule and the loss curve) stay those of one process. Every rank gets the same seeds:
     # the same LoRA init and the same shuffled order, of which accelerate hands each rank its slice.
     per_process = config["per_device_train_batch_size"] // config["num_processes"]
+    # transformers 5.24 renamed gradient_checkpointing (a FutureWarning on every run); the GPU set's 5.17 has only the old name
+    names = {f.name for f in fields(SFTConfig)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    extra[checkpointing] = cuda and backend != "unsloth"
     return SFTConfig(
         output_dir=str(checkpoint_dir), seed=config["seed"], data_seed=config["seed"],
         learning_rate=config["learning_rate"], num_train_epochs=config["num_train_epochs"],
@@ -318,7 +322,7 @@ def sft_config(config, checkpoint_dir, backend):
         eval_steps=config["eval_steps"], save_strategy="steps", save_steps=config["eval_steps"], save_total_limit=2,
         load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
         max_length=config["max_seq_length"], completion_only_loss=True, bf16=bf16,
-        gradient_checkpointing=cuda and backend != "unsloth", dataloader_pin_memory=cuda, use_cpu=not cuda,
+        dataloader_pin_memory=cuda, use_cpu=not cuda,
         ddp_find_unused_parameters=False,  # every trainable weight is used in each forward: skip DDP's graph walk
         report_to=report_to or "none", **extra)
 
