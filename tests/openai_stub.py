@@ -100,7 +100,7 @@ class Stub:
                     time.sleep(stub.slow_s)
                 try:
                     self._send(200, {"id": "x", "object": "chat.completion", "model": stub.model,
-                                     "choices": [{"index": 0, "finish_reason": "stop",
+                                     "choices": [{"index": 0, "finish_reason": "length" if fault == "length" else "stop",
                                                   "message": {"role": "assistant", "content": text}}],
                                      "usage": {"prompt_tokens": 10, "completion_tokens": max(1, len(text)),
                                                "total_tokens": 10 + len(text)}})

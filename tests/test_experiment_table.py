@@ -20,14 +20,23 @@ ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHO
        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
 ENV.pop("DVC_STAGE", None)
 
-# metrics/score.json as the score stage writes it: headline figures only (the main run's CER and
-# F1 with intervals, each baseline's, the differences with p-values, failure-mode rates)
+# metrics/score.json as the score stage writes it: headline figures only (stages/score.py
+# headline(): the main run's CER and F1 with intervals and failure-mode rates, each baseline's CER,
+# F1 and rates, each pair's differences with intervals and p-values)
+RATES = {name: 0.001 for name in ("repetition", "text_on_empty", "chatter", "markup", "truncated", "empty",
+                                  "script_confusion", "length_ratio")}
+PAIR = {key: 0.01 for key in ("cer_diff", "cer_diff_ci95_low", "cer_diff_ci95_high", "cer_p",
+                              "f1_diff", "f1_diff_ci95_low", "f1_diff_ci95_high", "f1_p")}
 HEADLINE = {"overall_cer": 0.0403, "overall_cer_ci95_low": 0.0338, "overall_cer_ci95_high": 0.0465,
             "overall_f1": 0.957, "overall_f1_ci95_low": 0.9494, "overall_f1_ci95_high": 0.9639,
-            "baselines": {name: {"overall_cer": cer, "overall_f1": 1 - cer}
+            "failure_rates": RATES,
+            "baselines": {name: {"overall_cer": cer, "overall_f1": 1 - cer, "failure_rates": RATES}
                           for name, cer in (("base", 0.0825), ("tesseract", 0.0626), ("paddleocr", 0.0205))},
-            "differences": {"base": {"cer": -0.042, "p_value": 0.001}},
-            "failure_rates": {"empty": 0.0, "loop": 0.001, "truncated": 0.0}}
+            "pairs": {f"finetuned_vs_{name}": PAIR for name in ("base", "tesseract", "paddleocr")}}
+# after `dvc exp run -S lora_r=32`: the main run's figures, its rates and the pairs move
+CHANGED = {**HEADLINE, "overall_cer": 0.05, "overall_cer_ci95_low": 0.04, "overall_cer_ci95_high": 0.06,
+           "overall_f1": 0.95, "failure_rates": {**RATES, "repetition": 0.002},
+           "pairs": {name: {**PAIR, "cer_diff": 0.02} for name in HEADLINE["pairs"]}}
 
 
 def sh(*cmd, cwd, env=ENV):
@@ -44,11 +53,11 @@ def out_paths(stage):
     return [next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])]
 
 
-def comparison_command():
-    """The README's `dvc exp show ...` line that gives the comparison table, as words."""
-    line = next(line for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
-                if line.startswith("dvc exp show --only-changed"))
-    return shlex.split(line.split("  #")[0])[1:]
+def readme_commands():
+    """The README's `dvc exp show --only-changed ...` lines (the comparison tables), as words."""
+    return [shlex.split(line.split("  #")[0])[1:]
+            for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+            if line.startswith("dvc exp show --only-changed")]
 
 
 def test_dvc_metrics_are_the_headline_file_only():
@@ -83,15 +92,19 @@ def test_the_comparison_table_has_few_columns(tmp_path):
     sh("git", "commit", "-qm", "run", cwd=repo)
     params = (repo / "params.yaml").read_text(encoding="utf-8")
     (repo / "params.yaml").write_text(params.replace("\nlora_r: 16", "\nlora_r: 32"), encoding="utf-8")
-    score.write_text(json.dumps({**HEADLINE, "overall_cer": 0.05, "overall_f1": 0.95}))
+    score.write_text(json.dumps(CHANGED))
 
-    header = sh(*DVC, *comparison_command(), "--csv", cwd=repo).splitlines()[0].split(",")
-    assert {"overall_cer", "overall_f1", "lora_r"} <= set(header), header
-    assert {f"baselines.{name}.overall_cer" for name in ("base", "tesseract", "paddleocr")} <= set(header)
-    assert not [c for c in header if "/" in c or c in ("eval_loss", "runtime_s", "count", "lora_alpha", "Created")]
-    assert len(header) <= 16, header
+    wide, intervals = readme_commands()
+    header = [c for c in sh(*DVC, *wide, "--csv", cwd=repo).splitlines()[0].split(",") if c not in ("rev", "Experiment")]
+    assert header == ["overall_cer", "overall_f1", "baselines.base.overall_cer",
+                      "baselines.tesseract.overall_cer", "baselines.paddleocr.overall_cer", "lora_r"], header
+    header = [c for c in sh(*DVC, *intervals, "--csv", cwd=repo).splitlines()[0].split(",") if c not in ("rev", "Experiment")]
+    assert header == [*[f"overall_{m}{end}" for m in ("cer", "f1") for end in ("", "_ci95_low", "_ci95_high")]]
+    for command in (wide, intervals):   # as a user sees it in a terminal 160 columns wide: nothing cut
+        table = sh(*DVC, *command, "--no-pager", cwd=repo, env={**ENV, "COLUMNS": "160"})
+        assert "…" not in table and max(map(len, table.splitlines())) <= 160, table
     full = sh(*DVC, "exp", "show", "--csv", cwd=repo).splitlines()[0].split(",")
-    assert len(full) > 3 * len(header)   # what --csv gives for the rest
+    assert len(full) > 100   # what --csv gives for the rest
 
 
 def test_run_main_writes_the_runtime_file_only_under_dvc_and_on_success(tmp_path, monkeypatch):
