@@ -169,7 +169,8 @@ def cer_histogram(cers):
 
 
 def bucket_label(lo, hi):
-    return f"{lo:04d}+" if hi is None else f"{lo:04d}" if lo == hi else f"{lo:04d}-{hi:04d}"
+    # plain numbers, as the analyze stage labels them; dvc.yaml's template keeps the file's order
+    return f"{lo}+" if hi is None else f"{lo}" if lo == hi else f"{lo}-{hi}"
 
 
 def cer_by_length(scores):

@@ -23,7 +23,7 @@ DVC_YAML = """plots:
   - bars.csv:
       x: count
       y: bucket
-      template: bar_horizontal
+      template: bar_horizontal_in_order
 """
 
 
@@ -49,7 +49,8 @@ def plots_repo(tmp_path):
     shutil.copy(ROOT / ".dvc" / "plots_template.html", repo / ".dvc" / "plots_template.html")
     (repo / "dvc.yaml").write_text(DVC_YAML)
     (repo / "loss.csv").write_text("step,loss\n1,0.9\n2,0.5\n3,0.3\n")
-    (repo / "bars.csv").write_text("bucket,count\n0-0.05,40\n0.05-0.1,7\n")
+    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")
+    (repo / "bars.csv").write_text("bucket,count\n1-5,40\n6-10,7\n11-20,3\n")
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "plots", cwd=repo)
     (repo / "loss.csv").write_text("step,loss\n1,0.8\n2,0.4\n3,0.2\n")
@@ -77,3 +78,15 @@ def test_charts_draw_offline_with_the_template_and_not_without(plots_repo):
     assert charts_drawn(plots_repo / "show" / "index.html") == 2
     sh(*DVC, "plots", "diff", "HEAD", "-o", "diff", cwd=plots_repo)
     assert charts_drawn(plots_repo / "diff" / "index.html") == 2
+
+
+def test_length_buckets_keep_the_files_order(plots_repo):
+    """plots/score/cer_by_length: '6-10' before '11-20' (a nominal axis is sorted alphabetically
+    unless the template says otherwise: .dvc/plots/bar_horizontal_in_order.json)."""
+    import json
+
+    shown = json.loads(sh(*DVC, "plots", "show", "--json", cwd=plots_repo))["data"]
+    spec = next(plot["content"] for plots in shown.values() for plot in plots
+                if plot["content"].get("encoding", {}).get("y", {}).get("field") == "bucket")
+    assert spec["encoding"]["y"]["sort"] is None
+    assert [v["bucket"] for v in spec["data"]["values"]] == ["1-5", "6-10", "11-20"]
