@@ -34,8 +34,9 @@ FONTS = ["NotoSansCJK-Regular.ttc:Noto Sans CJK TC", "NotoSerifCJK-Regular.ttc:N
 LATIN = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 
 RULES = {
-    "auto (before: max for strips, long/short > 2.78)": lambda w, h: E.detector_limit(w, h, "auto")[0]
-    if hasattr(E, "AUTO_LONG_CAP") else None,
+    "auto (the former rule: max for strips, long/short > 2.78)":
+        lambda w, h: "max" if min(w, h) < 736 and max(w, h) * 736 / min(w, h) > 2048 else "min",
+    "auto (stages/lib/evaluation/engines/paddleocr.py)": lambda w, h: E.detector_limit(w, h, "auto")[0],
     "max when wider than tall by 1.2 or more": lambda w, h: "max" if w >= 1.2 * h else "min",
     "max when the short side is under 100 px": lambda w, h: "max" if min(w, h) < 100 else "min",
 }
@@ -97,12 +98,10 @@ def report(kind, rows):
           f"{min(r['h'] for r in rows)}-{max(r['h'] for r in rows)} px")
     for name, rule in choices.items():
         picked = [rule(r["w"], r["h"]) for r in rows]
-        if None in picked:
-            continue
         preds = M.normalize_many([r[p] for r, p in zip(rows, picked)])
         empty = sum(1 for p, ref in zip(preds, refs) if not p and ref)
         seconds = sum(r[f"{p}_s"] for r, p in zip(rows, picked)) / len(rows)
-        print(f"  {name:52s} CER {M.corpus_cer(refs, preds):.4f}  empty {empty:3d}  "
+        print(f"  {name:58s} CER {M.corpus_cer(refs, preds):.4f}  empty {empty:3d}  "
               f"{seconds:.3f} CPU s/image  (max on {picked.count('max')})")
 
 
