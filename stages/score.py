@@ -149,7 +149,7 @@ def write_json(path, obj):
 
 
 def describe(path, summary):
-    line = (f"{path}: CER {summary['overall_cer']:.4f}, F1 {summary['overall_f1']:.4f}, "
+    line = (f"{path}: CER {summary['overall_cer']:.4f}, F1 {summary['overall_f1']:.4f} (normalized text), "
             f"{summary['scored_samples']} scored, {summary['failed_samples']} failed")
     if "overall_cer_ci95_low" in summary:
         line += (f" (CER 95% CI {summary['overall_cer_ci95_low']:.4f}-{summary['overall_cer_ci95_high']:.4f}, "
@@ -252,8 +252,8 @@ def score_stage(args, runs):
             print(f"score: {describe(scored_path(run, args.scored_dir), summary)}")
             if summary["truncated_predictions"]:
                 print(f"warning: {run}: {summary['truncated_predictions']} of {summary['scored_samples']} predictions "
-                      "were cut by the token limit (finish_reason 'length'): raise evaluate.max_tokens or set it to "
-                      "'auto'", file=sys.stderr)
+                      "were cut by the token limit (finish_reason 'length'; the evaluate stage's warning tells "
+                      "loops, where a higher limit would not help, from a limit below the label's length)", file=sys.stderr)
     main_run, *baselines = runs
     metrics = metrics_block(scored[main_run][1])
     metrics["baselines"] = {run: metrics_block(scored[run][1]) for run in baselines}

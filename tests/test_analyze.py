@@ -198,7 +198,7 @@ def test_summary_table(project, stage_run):
     assert f"best trial #{best['trial']}, eval_loss {best['value']:.6g}" in summary and "| lora_r |" in summary
     assert "12 trials (" in summary and "1 failed)" in summary
     assert ("Final training: train loss 0.51, eval loss 0.62 (best checkpoint, step 150 of 200), "
-            "validation CER 0.0310 (base 0.7000).") in summary
+            "validation CER (raw text) 0.0310 (base 0.7000).") in summary
 
 
 def test_error_analysis_counts(project, stage_run):
