@@ -137,7 +137,7 @@ def main(argv=None):
     record_runtime(pretrain_s=seconds)   # machine-varying: metrics/runtime/base.json, not metrics/base.json
     atomic_write_json(args.metrics, stats)
     print(f"base: tiny Gemma 3 ({stats['parameters']:,} parameters) pre-trained {cfg['pretrain_steps']} steps "
-          f"in {seconds} s; CER on {n_held} held-out sans lines {stats['pretrain_held_out_cer']:.4f}")
+          f"in {seconds} s; CER (raw text) on {n_held} held-out sans lines {stats['pretrain_held_out_cer']:.4f}")
 
 
 if __name__ == "__main__":

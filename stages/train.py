@@ -87,9 +87,9 @@ def main(argv=None):
           f"{metrics['val_cer']:.4f} [95% CI {metrics['val_cer_ci95_low']:.4f}, {metrics['val_cer_ci95_high']:.4f}] "
           f"(base {metrics['val_cer_base']:.4f}), {runtime['runtime_s']} s -> {args.output}")
     if len(val_rows) < SMALL_VALIDATION:
-        print(f"train: warning: the validation CER rests on {len(val_rows)} rows: anything in "
-              f"[{metrics['val_cer_ci95_low']:.4f}, {metrics['val_cer_ci95_high']:.4f}] is as likely; "
-              f"the test split's figures (normalize-score) are the ones to compare")
+        print(f"train: warning: the validation CER rests on {len(val_rows)} rows (95% interval "
+              f"[{metrics['val_cer_ci95_low']:.4f}, {metrics['val_cer_ci95_high']:.4f}]): compare runs on the test "
+              f"split's figures (normalize-score)")
 
 
 def check_devices(n):

@@ -244,5 +244,5 @@ def test_train_stage_warns_on_a_tiny_validation_split_with_the_interval(tmp_path
     assert f"warning: only {n_val} validation rows (fewer than 20)" in out
     interval = f"[{metrics['val_cer_ci95_low']:.4f}, {metrics['val_cer_ci95_high']:.4f}]"
     assert f"validation CER (raw text, {n_val} rows) {metrics['val_cer']:.4f} [95% CI {interval[1:]}" in out
-    assert f"the validation CER rests on {n_val} rows: anything in {interval}" in out
+    assert f"the validation CER rests on {n_val} rows (95% interval {interval})" in out
     assert not {"runtime_s", "samples_per_second"} & set(metrics)
