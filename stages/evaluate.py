@@ -44,7 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .lib import params as P
-from .lib.cli import UserError, run_main
+from .lib.cli import UserError, record_runtime, run_main
 from .lib.evaluation.engines import ENGINES as OCR_ENGINES, load_engine
 from .lib.evaluation.client import ChatClient, load_previous, run_samples, sample_key
 from .lib.images import ImageError, content_hash, page_count, split_ref
@@ -282,6 +282,8 @@ def evaluate(args, samples, predict, identity, model_name, server_info, generati
     atomic_write_json(args.output_file, doc)
     truncated = [r for r in records if r.get("finish_reason") == "length"]
     predicted = summary["evaluated_this_run"]
+    record_runtime(samples_predicted=predicted, samples_per_second=doc["samples_per_s"],
+                   latency_p50_s=doc.get("latency_p50_s"))
     print(f"evaluate: {Path(args.output_file).stem} on {args.data_file}: {len(records)} samples "
           f"({len(records) - predicted} kept, {predicted} predicted this run; {failed} failed, {len(truncated)} "
           f"truncated), {figure_text(doc)}, {doc['samples_per_s']} samples/s -> {args.output_file}")
