@@ -26,8 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .lib import params as P
+from .lib.breakdowns import tags_of
 from .lib.cli import UserError, run_main
 from .lib.evaluation.client import sample_key   # the image (path and content hash) and the label
+from .lib.failures import FLAGS
 from .lib.images import ImageError, content_hash, load_image, png_bytes, split_ref
 from .lib.io import atomic_dir, atomic_write_text, read_json
 from .lib.metrics import normalize_many
@@ -108,11 +110,31 @@ def collect(runs, docs, out_dir):
             failed = bool(r.get("error"))
             s["runs"][name] = {"p": None if failed else pred, "c": r.get("cer_score"), "f": r.get("f1_score"),
                                "r": r.get("finish_reason"), "e": str(r["error"]) if failed else None,
-                               "d": None if failed else diff_ops(s["label"], pred)}
-    figures = ("overall_cer", "overall_f1", "scored_samples", "failed_samples", "truncated_predictions")
+                               "d": None if failed else diff_ops(s["label"], pred), **flags_and_confidence(r)}
+            if tags_of(r) and "t" not in s:
+                s["t"] = tags_of(r)
+    figures = ("overall_cer", "overall_f1", "scored_samples", "failed_samples", "truncated_predictions",
+               "confidence_source")
     return {"runs": [{"name": run["name"], "title": run["title"], "kind": run["kind"],
                       **{k: docs[run["name"]].get(k) for k in figures}} for run in runs],
-            "samples": samples}
+            "samples": samples, **filter_values(samples)}
+
+
+def flags_and_confidence(record):
+    """The scored sample's failure-mode flags ("g") and confidence ("k"), where it has them."""
+    out = {}
+    if record.get("flags"):
+        out["g"] = [str(f) for f in record["flags"]]
+    if isinstance(record.get("confidence"), (int, float)) and not isinstance(record.get("confidence"), bool):
+        out["k"] = record["confidence"]
+    return out
+
+
+def filter_values(samples):
+    """The flags and tags the page offers as filters: only those some sample has."""
+    flags = {f for s in samples for r in s["runs"].values() for f in r.get("g", ())}
+    return {"flags": [f for f in FLAGS if f in flags] + sorted(flags - set(FLAGS)),
+            "tags": sorted({t for s in samples for t in s.get("t", ())})}
 
 
 def thumbnail_png(image_path, px):

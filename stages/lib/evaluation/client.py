@@ -18,6 +18,7 @@ output file safe: progress is written atomically every save_interval finished sa
 samples already done and redoes only the missing and the failed ones.
 """
 import json
+import math
 import random
 import threading
 import time
@@ -87,7 +88,7 @@ class Endpoints:
 
 class ChatClient:
     def __init__(self, url, model_name, instruction, *, max_tokens, stop=None, timeout=60.0,
-                 max_retries=3, backoff_s=0.5, max_backoff_s=10.0):
+                 max_retries=3, backoff_s=0.5, max_backoff_s=10.0, logprobs=False):
         urls = [url] if isinstance(url, str) else list(url)
         self.endpoints = Endpoints(f"{u}/v1/chat/completions" for u in urls)
         self.model_name = model_name
@@ -98,6 +99,7 @@ class ChatClient:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.logprobs = logprobs   # ask for token log-probabilities (only servers that give them: confidence.py)
         self.stopping = threading.Event()   # set on Ctrl-C: no more retries
         self._local = threading.local()
         self._sessions = []
@@ -126,9 +128,13 @@ class ChatClient:
 
     def payload(self, image_path):
         body = {"model": self.model_name, "messages": chat_messages(image_path, self.instruction),
-                "temperature": self.generation["temperature"], "max_tokens": self.max_tokens}
+                "temperature": self.generation["temperature"]}
+        if self.max_tokens is not None:   # None: the server's own limit (an external server, no tokenizer here)
+            body["max_tokens"] = self.max_tokens
         if self.stop:
             body["stop"] = self.stop
+        if self.logprobs:
+            body["logprobs"] = True
         return body
 
     def body(self, image_path):
@@ -197,9 +203,20 @@ class ChatClient:
         outcome = {"prediction": content, "completion_tokens": usage.get("completion_tokens"),
                    "prompt_tokens": usage.get("prompt_tokens"), "finish_reason": choice.get("finish_reason"),
                    "latency_s": round(latency, 4), "attempts": attempt + 1}
+        if self.logprobs:
+            outcome["confidence"] = mean_logprob(choice)
         if len(self.endpoints.urls) > 1:
             outcome["endpoint"] = endpoint.removesuffix("/v1/chat/completions")
         return outcome, None, True
+
+
+def mean_logprob(choice):
+    """The server_logprobs confidence (stages/lib/evaluation/confidence.py) of one chat-completions
+    choice: the mean of its tokens' log-probabilities; None when it has none."""
+    content = (choice.get("logprobs") or {}).get("content")
+    values = [t.get("logprob") for t in content if isinstance(t, dict)] if isinstance(content, list) else []
+    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
 
 
 def sample_key(sample):
@@ -208,7 +225,7 @@ def sample_key(sample):
     return f"{sample.get('image_path')}\x00{sample.get('image_sha256')}\x00{sample.get('label')}"
 
 
-SCORED_FIELDS = {"image_path", "image_sha256", "label", "prediction", "cer_score", "f1_score", "error"}
+SCORED_FIELDS = {"image_path", "image_sha256", "label", "tags", "prediction", "cer_score", "f1_score", "error"}
 
 
 def score_record(sample, outcome):
@@ -217,6 +234,8 @@ def score_record(sample, outcome):
     `outcome` is a fresh predict() result or a record reused from an earlier run: scores are
     always recomputed, so a change in the metrics code reaches resumed samples too."""
     record = {"image_path": sample["image_path"], "image_sha256": sample.get("image_sha256"), "label": sample["label"]}
+    if sample.get("tags"):
+        record["tags"] = sample["tags"]   # from the split (a raw row's tags): the score stage reports per tag
     if "error" in outcome:
         record.update(prediction=None, cer_score=None, f1_score=None, error=outcome["error"],
                       attempts=outcome.get("attempts"))
