@@ -34,6 +34,7 @@ bench: setup
 	$(BIN)/python -m bench.bench_merge
 	$(BIN)/python -m bench.bench_browse
 	$(BIN)/python -m bench.bench_train_dist
+	$(BIN)/python -m bench.bench_paddle_limit
 
 readme:  # copy metrics/summary.md into the README's results section
 	python3 tools/update_readme.py

@@ -247,9 +247,8 @@ def train_line(train):
         parts.append(f"eval loss {num('eval_loss'):.4g}{step}")
     if num("val_cer") is not None:
         base = f" (base {num('val_cer_base'):.4f})" if num("val_cer_base") is not None else ""
-        parts.append(f"validation CER {num('val_cer'):.4f}{base}")
-    if num("runtime_s") is not None:
-        parts.append(f"{num('runtime_s'):.0f} s")
+        rows = f", {num('val_rows')} rows" if num("val_rows") is not None else ""
+        parts.append(f"validation CER (raw text{rows}) {num('val_cer'):.4f}{base}")
     return f"Final training: {', '.join(parts)}." if parts else ""
 
 

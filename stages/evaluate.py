@@ -35,6 +35,7 @@ Scores are raw (no normalization): the normalize-score stage scores comparably.
 import argparse
 import hashlib
 import json
+import re
 import signal
 import sys
 from collections import Counter
@@ -43,10 +44,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .lib import params as P
-from .lib.cli import UserError, run_main
+from .lib.cli import UserError, record_runtime, run_main
 from .lib.evaluation.engines import ENGINES as OCR_ENGINES, load_engine
 from .lib.evaluation import confidence
-from .lib.evaluation.client import ChatClient, load_previous, run_samples
+from .lib.evaluation.client import ChatClient, load_previous, run_samples, sample_key
 from .lib.images import ImageError, content_hash, page_count, split_ref
 from .lib.io import atomic_write_json, read_split
 from .lib.modeling import IMAGE_PARAMS, image_settings
@@ -266,7 +267,7 @@ def evaluate(args, samples, predict, identity, model_name, server_info, generati
     if previous is None:
         print(f"evaluate: {args.output_file} is from another model or settings: starting over", file=sys.stderr)
     elif previous:
-        print(f"evaluate: resuming: {len(previous)} finished samples kept from {args.output_file}", file=sys.stderr)
+        print(f"evaluate: resuming from {args.output_file}: {resume_text(previous, samples)}", file=sys.stderr)
     header = {"model_name": model_name, "engine": server_info["engine"], "fingerprint": fp,
               "data_file": str(args.data_file), "server": server_info,
               "top_k": args.top_k}
@@ -283,9 +284,13 @@ def evaluate(args, samples, predict, identity, model_name, server_info, generati
            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "model_name": model_name, "status": status, **summary, **header, "samples": records}
     atomic_write_json(args.output_file, doc)
-    truncated = sum(r.get("finish_reason") == "length" for r in records)
-    print(f"evaluate: {len(records)} samples ({failed} failed, {truncated} truncated), {figure_text(doc)}, "
-          f"{doc['samples_per_s']} samples/s -> {args.output_file}")
+    truncated = [r for r in records if r.get("finish_reason") == "length"]
+    predicted = summary["evaluated_this_run"]
+    record_runtime(samples_predicted=predicted, samples_per_second=doc["samples_per_s"],
+                   latency_p50_s=doc.get("latency_p50_s"))
+    print(f"evaluate: {Path(args.output_file).stem} on {args.data_file}: {len(records)} samples "
+          f"({len(records) - predicted} kept, {predicted} predicted this run; {failed} failed, {len(truncated)} "
+          f"truncated), {figure_text(doc)}, {doc['samples_per_s']} samples/s -> {args.output_file}")
     log = ""
     logs = [server.log_path for server in servers if server.log_path]
     if failed and logs:
@@ -293,10 +298,8 @@ def evaluate(args, samples, predict, identity, model_name, server_info, generati
             server.keep_log()
         log = f"; the server's log: {', '.join(logs)}"
         print(f"evaluate: {failed} samples failed{log}", file=sys.stderr)
-    if truncated:
-        limit = generation["max_tokens"] or "the server's limit"
-        print(f"warning: {truncated} of {len(records)} predictions were cut by max_tokens {limit} "
-              "(finish_reason 'length'): raise evaluate.max_tokens or set it to 'auto'", file=sys.stderr)
+    for line in truncation_warnings(truncated, len(records), generation, getattr(args, "max_tokens_auto", False)):
+        print(line, file=sys.stderr)
     if status == "failed":
         common, count = Counter(r["error"] for r in records if "error" in r).most_common(1)[0]
         raise UserError(f"{failed} of {len(records)} samples failed (more than evaluate.max_failure_rate "
@@ -305,10 +308,58 @@ def evaluate(args, samples, predict, identity, model_name, server_info, generati
 
 
 def figure_text(doc):
-    """'overall_cer 0.1234, overall_f1 0.8765', or why there is no figure (every sample failed)."""
+    """The raw figures, said to be raw (normalize-score's normalized ones are those the tables show),
+    or why there is no figure (every sample failed)."""
     if doc["overall_cer"] is None:
         return "no figures (no sample succeeded)"
-    return f"overall_cer {doc['overall_cer']:.4f}, overall_f1 {doc['overall_f1']:.4f}"
+    return (f"raw CER {doc['overall_cer']:.4f}, raw F1 {doc['overall_f1']:.4f} (text as predicted; "
+            "normalize-score gives the normalized figures of metrics/score.json)")
+
+
+def resume_text(previous, samples):
+    """What a resumed run keeps and predicts again: earlier records match a sample by its key
+    (image path, content hash, label); failed, changed and new samples are predicted again."""
+    kept = sum(sample_key(s) in previous for s in samples)
+    stale = len(previous) - kept
+    text = f"{kept} finished samples kept, {len(samples) - kept} to predict (failed, new or changed)"
+    return text + (f"; {stale} earlier results no longer match a sample (image or label changed)" if stale else "")
+
+
+def repeated_unit(text, min_repeats=3, longest_unit=20):
+    """The substring (1..longest_unit characters) that `text` repeats most often in a row, when at
+    least min_repeats times (e.g. '票' in '發票票票號碼'), or None."""
+    runs = [(len(m.group(0)) // len(m.group(1)), m.group(1))
+            for m in re.finditer(rf"(.{{1,{longest_unit}}}?)\1{{{min_repeats - 1},}}", text)]
+    return max(runs)[1] if runs else None
+
+
+def truncation_warnings(truncated, total, generation, auto):
+    """One line per kind of answer cut by max_tokens (finish_reason 'length'), with its advice:
+    cut before the label's length (the limit is too low), or longer than the label already, a loop
+    when it repeats a substring (a higher limit would not help)."""
+    limit = (generation or {}).get("max_tokens") or "the server's limit"
+    short = [r for r in truncated if len(r["prediction"] or "") < len(r["label"])]
+    longer = [r for r in truncated if len(r["prediction"] or "") >= len(r["label"])]
+    loops = [(r, unit) for r in longer for unit in [repeated_unit(r["prediction"])] if unit]
+    lines = []
+    if short:
+        r = short[0]
+        advice = ("'auto' sized it from the split's labels: set evaluate.max_tokens to a larger number"
+                  if auto else "raise evaluate.max_tokens or set it to 'auto'")
+        if (generation or {}).get("max_tokens") is None:   # nothing was sent: the server's own limit cut it
+            advice = "the server's context limit cut it: serve the model with a longer context"
+        lines.append(f"warning: {len(short)} of {total} predictions were cut by max_tokens {limit} before the label's "
+                     f"length (e.g. {r['image_path']}: label {len(r['label'])} characters, prediction "
+                     f"{len(r['prediction'] or '')}): {advice}")
+    if loops:
+        r, unit = loops[0]
+        lines.append(f"warning: {len(loops)} of {total} predictions looped into max_tokens {limit} (a repeated "
+                     f"substring, e.g. {unit!r} in {r['image_path']}): a higher limit would not help; the model "
+                     "needs more training on lines like these")
+    if len(longer) > len(loops):
+        lines.append(f"warning: {len(longer) - len(loops)} of {total} predictions ran past the label's length into "
+                     f"max_tokens {limit} without repeating itself: a higher limit would not help")
+    return lines
 
 
 def auto_max_tokens(folder, samples, instruction):
@@ -346,7 +397,8 @@ def main(argv=None):
         evaluate(args, samples, predict, info, name, info, confidence_source=getattr(engine, "CONFIDENCE", None))
         return
     folder = None if args.url else model_folder(args.model_dir)
-    if args.max_tokens == "auto":
+    args.max_tokens_auto = args.max_tokens == "auto"   # the truncation warning's advice depends on it
+    if args.max_tokens_auto:
         args.max_tokens = auto_max_tokens(folder, samples, args.instruction)
     with model_servers(args, folder) as servers:
         server, urls = servers[0], [s.url for s in servers]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .lib import learning_curve as LC
 from .lib import params as P
-from .lib.cli import UserError, run_main
+from .lib.cli import UserError, record_runtime, run_main
 from .lib.figures import new_figure, placeholder_figure, save_figure
 from .lib.io import atomic_dir, atomic_write_json, atomic_write_text, read_split
 from .lib.modeling import IMAGE_PARAMS, resolve_base_dir
@@ -42,7 +42,6 @@ METRICS = "metrics/learning_curve.json"
 # the train stage's run: the 'all' point of repeat 0 is that very training (same rows in the same order,
 # same config and seed), so its adapter is read instead of training it again
 TRAIN_ADAPTER, TRAIN_METRICS, TRAIN_RUNTIME = "models/lora", "metrics/train.json", "metrics/runtime/train.json"
-RUNTIME = "metrics/runtime/learning_curve.json"
 PLOT_DIR = "plots/learning_curve"
 # the training keys of train, minus how train is launched: each point trains in this one process
 CURVE_TRAINING_KEYS = [k for k in TRAINING_KEYS if k not in LAUNCH_KEYS]
@@ -231,7 +230,8 @@ def main(argv=None):
     with atomic_dir(PLOT_DIR) as plot_dir:
         atomic_write_text(Path(plot_dir) / "learning_curve.csv", curve_csv(points, base))
         plot_curve(points, base, fit, Path(plot_dir) / "learning_curve.png")
-    atomic_write_json(RUNTIME, {"points": runtimes, "total_wall_s": round(time.perf_counter() - started, 2)})
+    # machine-varying: metrics/runtime/learning_curve.json (run_main writes it under DVC)
+    record_runtime(points=runtimes, total_wall_s=round(time.perf_counter() - started, 2))
     atomic_write_json(METRICS, {"skipped": False, "val_rows": len(val_rows), "train_rows_available": len(train_rows),
                                 "train_rows_left_out": left_out, "base": base, "points": points, "fit": fit,
                                 "summary": sentence})
@@ -247,7 +247,7 @@ def write_skipped(why):
     with atomic_dir(PLOT_DIR) as plot_dir:
         atomic_write_text(Path(plot_dir) / "learning_curve.csv", curve_csv([], {"val_cer": ""}))
         placeholder_figure(Path(plot_dir) / "learning_curve.png", "Learning curve", message)
-    atomic_write_json(RUNTIME, {"points": [], "total_wall_s": 0})
+    record_runtime(points=[], total_wall_s=0)
     atomic_write_json(METRICS, {"skipped": True, "points": [], "summary": message})
     print(f"learning_curve: {message}")
 

@@ -30,14 +30,13 @@ The folder loads with AutoModelForImageTextToText/AutoProcessor and `transformer
 """
 import argparse
 import random
-import resource
 import time
 from pathlib import Path
 
 from .lib import gemma3_layout as G
 from .lib import merging as M
 from .lib import params as P
-from .lib.cli import UserError, run_main
+from .lib.cli import UserError, record_runtime, run_main
 from .lib.io import atomic_dir, atomic_write_json, read_split
 from .lib.modeling import IMAGE_PARAMS, free_memory, image_settings, load_processor, resolve_base_dir
 
@@ -154,9 +153,10 @@ def main(argv=None):
             "passed": passed, "backend": backend, "dtype": dtype_name, "saved_dtype": saved_dtype,
             "architectures": architectures, "gemma3_layout": layout, "image": image, "samples": len(images), "max_new_tokens": args.max_new_tokens,
             "greedy_mismatches": mismatches, "greedy_near_ties": near_ties, "max_relative_logit_gap": gap, "tolerance": tolerance,
-            **figures, "merged_size_bytes": size, "seconds": round(time.time() - start, 1),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "files": files,
+            **figures, "merged_size_bytes": size, "files": files,
         }
+        # machine-varying: metrics/runtime/merge.json, not metrics/merge.json
+        record_runtime(merge_s=round(time.time() - start, 1))
         atomic_write_json(args.metrics, metrics)
         if not passed:
             raise UserError(f"parity check failed: {mismatches}/{len(images)} greedy outputs differ, logit gap "

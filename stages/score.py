@@ -165,7 +165,7 @@ def write_json(path, obj):
 
 
 def describe(path, summary):
-    line = (f"{path}: CER {summary['overall_cer']:.4f}, F1 {summary['overall_f1']:.4f}, "
+    line = (f"{path}: CER {summary['overall_cer']:.4f}, F1 {summary['overall_f1']:.4f} (normalized text), "
             f"{summary['scored_samples']} scored, {summary['failed_samples']} failed")
     if "overall_cer_ci95_low" in summary:
         line += (f" (CER 95% CI {summary['overall_cer_ci95_low']:.4f}-{summary['overall_cer_ci95_high']:.4f}, "
@@ -185,7 +185,8 @@ def cer_histogram(cers):
 
 
 def bucket_label(lo, hi):
-    return f"{lo:04d}+" if hi is None else f"{lo:04d}" if lo == hi else f"{lo:04d}-{hi:04d}"
+    # plain numbers, as the analyze stage labels them; dvc.yaml's template keeps the file's order
+    return f"{lo}+" if hi is None else f"{lo}" if lo == hi else f"{lo}-{hi}"
 
 
 def cer_by_length(scores):
@@ -268,8 +269,8 @@ def score_stage(args, runs):
             print(f"score: {describe(scored_path(run, args.scored_dir), summary)}")
             if summary["truncated_predictions"]:
                 print(f"warning: {run}: {summary['truncated_predictions']} of {summary['scored_samples']} predictions "
-                      "were cut by the token limit (finish_reason 'length'): raise evaluate.max_tokens or set it to "
-                      "'auto'", file=sys.stderr)
+                      "were cut by the token limit (finish_reason 'length'; the evaluate stage's warning tells "
+                      "loops, where a higher limit would not help, from a limit below the label's length)", file=sys.stderr)
     with atomic_dir(args.review_dir) as tmp:
         for run, (_, _, scores) in scored.items():
             order = details["runs"][run].pop("review_order")

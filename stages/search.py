@@ -61,7 +61,7 @@ from tqdm import tqdm
 from .lib import params as P
 from .lib.search import study as S
 from .lib.cli import UserError, run_main
-from .lib.io import read_split
+from .lib.io import atomic_write_text, read_split
 from .lib.search.space import MODES, PRUNERS, corners, grid_size, parse_space, read_config
 from .lib.modeling import IMAGE_PARAMS
 from .lib.training import LAUNCH_KEYS, TRAINING_FIELDS, TRAINING_KEYS, demo_value_warnings
@@ -69,6 +69,8 @@ from .lib.training import LAUNCH_KEYS, TRAINING_FIELDS, TRAINING_KEYS, demo_valu
 OUT_DIR = "models/search"
 INPUT = "data/input/ocr_non_test.json"
 BEST_PARAMS = f"{OUT_DIR}/best_params.json"
+TRIALS_README = ("One folder per trial of the study: trial_N/result.json and train.log; the adapters of the\n"
+                 "search.keep_best_adapters best completed trials. No folder: no trial ran (search.n_trials 0).\n")
 # the fixed training config of every trial, and the search's own. Not num_processes (LAUNCH_KEYS): trials
 # run in this process (or in search.workers processes), each single-process, so changing it re-runs train only.
 SEARCH_TRAINING_KEYS = [k for k in TRAINING_KEYS if k not in LAUNCH_KEYS]
@@ -233,7 +235,8 @@ def main(argv=None):
         base_dir, train_rows, val_rows = load_data(args, settings["fixed"]["val_ratio"], settings["fixed"]["seed"])
     url = S.storage_url(out_dir, args.storage)
     storage = S.open_storage(url)
-    (out_dir / "trials").mkdir(parents=True, exist_ok=True)   # a DVC out: it must exist even when no trial runs
+    # a DVC out: it must exist, and not be empty (DVC warns about an empty out), even when no trial runs
+    atomic_write_text(out_dir / "trials" / "README.txt", TRIALS_README)
     study = S.prepare_study(storage, args.study_name, settings, args.resume)
     existing = sum(t.state.name != "WAITING" for t in study.trials)   # enqueued trials run first
     remaining = max(0, args.n_trials - existing)

@@ -34,7 +34,7 @@ import sys
 
 from .lib import params as P
 from .lib import launch
-from .lib.cli import UserError, run_main
+from .lib.cli import UserError, record_runtime, run_main
 from .lib.io import atomic_write_json, read_split
 from .lib.modeling import resolve_base_dir
 from .lib.runtime import RUNTIME_KEYS
@@ -45,7 +45,7 @@ OUT_DIR = "models/lora"
 CHECKPOINTS = "models/checkpoints/train"
 LIVE_DIR = "plots/train"
 METRICS = "metrics/train.json"
-RUNTIME = "metrics/runtime/train.json"   # what the run cost on this machine: never beside the quality figures
+SMALL_VALIDATION = 20   # fewer validation rows than this: warned about, with the CER's interval
 PARAMS = list(TRAINING_PARAMS)
 
 
@@ -59,7 +59,6 @@ def main(argv=None):
     parser.add_argument("--checkpoints", default=CHECKPOINTS)
     parser.add_argument("--live-dir", default=LIVE_DIR)
     parser.add_argument("--metrics", default=METRICS)
-    parser.add_argument("--runtime", default=RUNTIME)
     args = parser.parse_args(argv)
 
     params = P.load_params(PARAMS)
@@ -74,6 +73,9 @@ def main(argv=None):
     if not worker:
         print(f"train: {len(train_rows)} training / {len(val_rows)} validation rows; base {base_dir}; "
               f"backend {backend}; lora_r {config['lora_r']}, learning_rate {config['learning_rate']:g}")
+        if len(val_rows) < SMALL_VALIDATION:
+            print(f"train: warning: only {len(val_rows)} validation rows (fewer than {SMALL_VALIDATION}): eval_loss, "
+                  f"the best checkpoint and the validation CER rest on them (raise val_ratio or add data)")
     if n > 1 and not worker:  # start n copies of this command under torchrun; they do the training
         check_devices(n)
         log = f"{args.checkpoints}.log"
@@ -89,14 +91,20 @@ def main(argv=None):
     runtime = {key: metrics.pop(key) for key in RUNTIME_KEYS}
     runtime.update(train_rows=metrics["train_rows"], global_step=metrics["global_step"])
     metrics["trained_with"] = config
-    atomic_write_json(args.runtime, runtime)
+    # machine-varying: metrics/runtime/train.json (run_main writes it under DVC), not metrics/train.json
+    record_runtime(**runtime)
     atomic_write_json(args.metrics, metrics)
     if metrics["cut_rows"]:
         print(f"warning: {metrics['cut_rows']} training/validation rows were longer than max_seq_length "
               f"{config['max_seq_length']} and trained on their start only (metrics cut_rows)", file=sys.stderr)
-    print(f"train: eval_loss {metrics['eval_loss']:.4f}, validation CER {metrics['val_cer']:.4f} "
+    print(f"train: eval_loss {metrics['eval_loss']:.4f}, validation CER (raw text, {len(val_rows)} rows) "
+          f"{metrics['val_cer']:.4f} [95% CI {metrics['val_cer_ci95_low']:.4f}, {metrics['val_cer_ci95_high']:.4f}] "
           f"(base {metrics['val_cer_base']:.4f}), {runtime['runtime_s']} s, peak RSS {runtime['peak_rss_mib']} MiB "
           f"-> {args.output}")
+    if len(val_rows) < SMALL_VALIDATION:
+        print(f"train: warning: the validation CER rests on {len(val_rows)} rows (95% interval "
+              f"[{metrics['val_cer_ci95_low']:.4f}, {metrics['val_cer_ci95_high']:.4f}]): compare runs on the test "
+              f"split's figures (normalize-score)")
 
 
 def check_devices(n):

@@ -235,7 +235,7 @@ def test_summary_table(project, stage_run):
     assert f"best trial #{best['trial']}, eval_loss {best['value']:.6g}" in summary and "| lora_r |" in summary
     assert "12 trials (" in summary and "1 failed)" in summary
     assert ("Final training: train loss 0.51, eval loss 0.62 (best checkpoint, step 150 of 200), "
-            "validation CER 0.0310 (base 0.7000).") in summary
+            "validation CER (raw text) 0.0310 (base 0.7000).") in summary
     # the score stage's details (metrics/score_details.json): one line per pair, then a table each
     assert ("- fine-tuned vs base (no fine-tuning): CER -0.8642 [-0.9100, -0.8000], p < 0.001; "
             "F1 +0.6765 [+0.6000, +0.7000], p = 0.031; better on 25 / worse on 2 / equal on 3 of 30 pages") in lines
@@ -443,3 +443,28 @@ def test_interactive_html_where_plotly_is_installed(project, tmp_path):
     assert result.returncode == 0, result.stderr
     text = (tmp_path / "h/search.html").read_text(encoding="utf-8")
     assert text.count('class="plotly-graph-div"') == 4 and '<script src="http' not in text
+
+
+def test_parallel_coordinates_label_a_log_axis_with_plain_numbers_on_a_box():
+    """Issue 24: the learning_rate axis read 2x10^-3 ... drawn over the trials' lines."""
+    import matplotlib
+    import optuna
+    from optuna.visualization import matplotlib as om
+
+    from stages.lib.search.analysis import readable_axis_labels
+
+    matplotlib.use("Agg")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    study.optimize(lambda t: t.suggest_float("learning_rate", 1.0e-3, 1.0e-2, log=True)
+                   + t.suggest_categorical("lora_r", [8, 16, 32]) / 1000, n_trials=8)
+    with pytest.warns(optuna.exceptions.ExperimentalWarning):
+        ax = om.plot_parallel_coordinate(study)
+    readable_axis_labels(ax)
+    ax.figure.canvas.draw()
+    log_axes = [a for a in ax.figure.axes if a.get_yscale() == "log"]
+    assert len(log_axes) == 1
+    labels = [t for t in log_axes[0].get_yticklabels(which="both") if t.get_text()]
+    assert len(labels) >= 2
+    assert all(0.001 <= float(t.get_text()) <= 0.01 for t in labels), [t.get_text() for t in labels]
+    assert all(t.get_bbox_patch() is not None for t in labels)

@@ -97,7 +97,8 @@ def test_sigkill_then_rerun_loses_and_duplicates_nothing(tiny_rows, tmp_path):
         kept = {s["image_path"] for s in partial["samples"]}
         done = run_evaluate(*args)
         assert done.returncode == 0, done.stderr
-        assert f"resuming: {len(kept)} finished samples kept" in done.stderr
+        assert f"{len(kept)} finished samples kept, {12 - len(kept)} to predict" in done.stderr
+        assert f"({len(kept)} kept, {12 - len(kept)} predicted this run; 0 failed" in done.stdout
     doc = json.loads(out.read_text(encoding="utf-8"))
     assert doc["status"] == "complete" and doc["total_samples"] == 12
     assert [s["image_path"] for s in doc["samples"]] == [r["image_path"] for r in rows]
@@ -250,3 +251,48 @@ def test_vllm_engine_command_and_stop_strings(tiny_rows, tmp_path):
     assert len(sent) == 3 and all(p["stop"] == ["<end_of_turn>"] and p["model"] == str(model) for p in sent)
     assert all(p["temperature"] == 0 and p["max_tokens"] == doc["generation"]["max_tokens"] for p in sent)
     assert processes_mentioning(str(model)) == []
+
+
+def test_resume_counts_kept_and_predicted_again_after_images_changed(tiny_rows, tmp_path):
+    """Two images change after a finished run: the log says 10 kept and 2 predicted again."""
+    from PIL import Image
+
+    rows = [{**r, "image_path": str(tmp_path / f"img{i}.png")} for i, r in enumerate(tiny_rows[:12])]
+    for row, original in zip(rows, tiny_rows):
+        Image.open(original["image_path"]).save(row["image_path"])
+    data, out = write_rows(tmp_path / "rows.json", rows), tmp_path / "out.json"
+    args = ["--data-file", data, "--output-file", out, "--workers", 2, "--max-tokens", 32, "--model-name", MODEL]
+    with Stub(answers_for(rows)) as stub:
+        assert run_evaluate("--vllm-url", stub.url, *args).returncode == 0
+        for row in rows[:2]:   # new pixels, same paths and labels
+            Image.open(row["image_path"]).rotate(180).save(row["image_path"])
+        stub.answers.update(answers_for(rows))
+        done = run_evaluate("--vllm-url", stub.url, *args)
+        assert done.returncode == 0, done.stderr
+        assert sum(stub.requests.values()) == 12 + 2
+    assert ("10 finished samples kept, 2 to predict (failed, new or changed); 2 earlier results no longer match"
+            in done.stderr), done.stderr
+    assert "(10 kept, 2 predicted this run; 0 failed, 0 truncated), raw CER 0.0000, raw F1 1.0000 (text as predicted" \
+        in done.stdout, done.stdout
+    assert f"evaluate: out on {data}: 12 samples" in done.stdout
+
+
+def test_truncation_warning_tells_a_loop_from_a_low_limit(tiny_rows, tmp_path):
+    rows = tiny_rows[:4]
+    data, out = write_rows(tmp_path / "rows.json", rows), tmp_path / "out.json"
+    answers = answers_for(rows)
+    urls = list(answers)
+    loop_label, cut_label = rows[0]["ocr_text"], rows[1]["ocr_text"]
+    answers[urls[0]] = loop_label + "發票票票票票票"          # past the label, repeating one character
+    answers[urls[1]] = cut_label[:2]                        # cut before the label's length
+    with Stub(answers, {answers[urls[0]]: ["length"], answers[urls[1]]: ["length"]}) as stub:
+        done = run_evaluate("--vllm-url", stub.url, "--model-name", MODEL, "--data-file", data,
+                            "--output-file", out, "--max-tokens", 12)
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning: ") and "max_tokens" in line]
+    assert len(warnings) == 2, done.stderr
+    cut, loop = warnings
+    assert cut.startswith("warning: 1 of 4 predictions were cut by max_tokens 12 before the label's length")
+    assert f"label {len(cut_label)} characters, prediction 2" in cut and "raise evaluate.max_tokens" in cut
+    assert loop.startswith("warning: 1 of 4 predictions looped into max_tokens 12 (a repeated substring, e.g. '票'")
+    assert "a higher limit would not help" in loop and "raise" not in loop

@@ -98,6 +98,12 @@ def test_detector_limit_rule():
     assert paddleocr.detector_limit(128, 128, "auto") == ("min", 736)     # small square: upscaled
     assert paddleocr.detector_limit(300, 64, "auto") == ("max", 960)      # a single line: not upscaled
     assert paddleocr.detector_limit(1000, 1400, "auto") == ("min", 736)   # a page: as it is
+    assert paddleocr.detector_limit(4000, 3000, "auto") == ("min", 736)   # a landscape page: not shrunk to 960
+    # short receipt crops (`$39.0`, `八達通`: long/short below 2.78) were upscaled 10x and read as nothing
+    assert paddleocr.detector_limit(90, 40, "auto") == ("max", 960)
+    assert paddleocr.detector_limit(60, 30, "auto") == ("max", 960)
+    assert paddleocr.detector_limit(48, 60, "auto") == ("max", 960)       # a small crop, taller than wide
+    assert paddleocr.detector_limit(120, 200, "auto") == ("min", 736)
     assert paddleocr.detector_limit(300, 64, "min") == ("min", 736)
     assert paddleocr.detector_limit(128, 128, "max") == ("max", 960)
 

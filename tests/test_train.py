@@ -112,6 +112,7 @@ def test_run_training_resumes_and_keeps_the_best(tiny_base_dir, tiny_rows, tmp_p
     assert metrics["best_eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-4)
     assert metrics["best_step"] in (2, 4, 6, 8, 10)
     assert {"train_loss", "runtime_s", "samples_per_second", "trainable_params", "val_cer", "val_cer_base"} <= set(metrics)
+    assert metrics["val_cer_ci95_low"] <= metrics["val_cer"] <= metrics["val_cer_ci95_high"]
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja",
             "processor_config.json"} <= {p.name for p in out.iterdir()}
     assert not ckpt.exists()  # checkpoints go once the run has finished
@@ -219,3 +220,26 @@ def test_apply_best_writes_the_study_values_into_params_yaml(tmp_path, monkeypat
     with pytest.raises(UserError, match="'lora_r' must be >= 1"):
         search.main(["--apply-best"])
     assert Path("params.yaml").read_bytes() == before
+
+
+def test_train_stage_warns_on_a_tiny_validation_split_with_the_interval(tmp_path, monkeypatch, capsys,
+                                                                         tiny_base_dir, tiny_rows_file):
+    """24 rows, val_ratio 0.25: 6 validation rows. The stage says so before training and gives the
+    validation CER's interval after; machine-varying figures stay out of metrics/train.json."""
+    from stages import train
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params.update(num_train_epochs=1, per_device_train_batch_size=8, eval_steps=2, logging_steps=1,
+                  val_ratio=0.25, backend="transformers")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    train.main(["--non-test", str(tiny_rows_file), "--base-dir", str(tiny_base_dir)])
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "metrics/train.json").read_text())
+    n_val = metrics["val_rows"]
+    assert 0 < n_val < train.SMALL_VALIDATION
+    assert f"warning: only {n_val} validation rows (fewer than 20)" in out
+    interval = f"[{metrics['val_cer_ci95_low']:.4f}, {metrics['val_cer_ci95_high']:.4f}]"
+    assert f"validation CER (raw text, {n_val} rows) {metrics['val_cer']:.4f} [95% CI {interval[1:]}" in out
+    assert f"the validation CER rests on {n_val} rows (95% interval {interval})" in out
+    assert not {"runtime_s", "samples_per_second"} & set(metrics)

@@ -24,10 +24,11 @@ Contract (signatures are stable):
       output_dir + ".checkpoints"; git-ignored, deleted after a finished run). Returns the
       final metrics: train_loss, eval_loss (of the saved best adapter), best_metric, best_eval_loss and
       best_val_cer (at the best step), best_step, global_step, runtime_s, samples_per_second, peak_rss_mib,
-      cuda_max_memory_allocated_mib, device (stages/lib/runtime.py), trainable_params, total_params,
-      trainable_modules, cut_rows (rows cut at max_seq_length), backend, and with measure_cer val_cer /
-      val_cer_base (greedy CER on val_rows of the
-      fine-tuned model and of the base: the same model with its adapter disabled), num_processes and
+      cuda_max_memory_allocated_mib, device (stages/lib/runtime.py; the train stage moves these to
+      metrics/runtime/train.json), trainable_params, total_params, trainable_modules, cut_rows (rows cut at
+      max_seq_length), backend, and with measure_cer val_cer / val_cer_base (greedy CER, raw text, on val_rows
+      of the fine-tuned model and of the base: the same model with its adapter disabled; val_cer_ci95_low/high
+      its bootstrap interval), num_processes and
       distributed_backend (gloo, nccl; None for one process). Under torchrun (num_processes > 1,
       stages/lib/launch.py) only rank 0 writes and returns the metrics; the other ranks return None.
   choose_backend(config) -> "unsloth" | "transformers" (UserError for what cannot run here:
@@ -539,6 +540,10 @@ def sft_config(config, checkpoint_dir, backend):
     # steps, the schedule and the loss curve) stay those of one process. Every rank gets the same seeds:
     # the same LoRA init and the same shuffled order, of which accelerate hands each rank its slice.
     per_process = config["per_device_train_batch_size"] // config["num_processes"]
+    # transformers 5.24 renamed gradient_checkpointing (a FutureWarning on every run); the GPU set's 5.17 has only the old name
+    names = {f.name for f in fields(SFTConfig)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    extra[checkpointing] = cuda and backend != "unsloth"
     return SFTConfig(
         output_dir=str(checkpoint_dir), seed=config["seed"], data_seed=config["seed"],
         learning_rate=config["learning_rate"], num_train_epochs=config["num_train_epochs"],
@@ -549,7 +554,7 @@ def sft_config(config, checkpoint_dir, backend):
         eval_steps=config["eval_steps"], save_strategy="steps", save_steps=config["eval_steps"], save_total_limit=2,
         load_best_model_at_end=True, metric_for_best_model=config["best_metric"], greater_is_better=False,
         max_length=config["max_seq_length"], bf16=bf16,
-        gradient_checkpointing=cuda and backend != "unsloth", dataloader_pin_memory=cuda, use_cpu=not cuda,
+        dataloader_pin_memory=cuda, use_cpu=not cuda,
         ddp_find_unused_parameters=False,  # every trainable weight is used in each forward: skip DDP's graph walk
         report_to=report_to or "none", **extra)
 
@@ -575,7 +580,7 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
 
     from .images import load_image
     from .io import atomic_dir, read_json
-    from .metrics import corpus_cer
+    from .metrics import bootstrap_intervals, corpus_cer, score_pairs
     from .modeling import generation_budget, read_images
     from .runtime import peaks, reset_peaks
 
@@ -647,8 +652,11 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
             return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bool(trainer.args.bf16))
         cut, cut_base = {}, {}
         with amp():
-            metrics["val_cer"] = corpus_cer(refs, read_images(model, processor, images, config["instruction"],
-                                                              max_new_tokens=budget, stats=cut))
+            preds = read_images(model, processor, images, config["instruction"], max_new_tokens=budget, stats=cut)
+        metrics["val_cer"] = corpus_cer(refs, preds)
+        # how far a few validation rows can be trusted (train.py warns on a tiny split with it)
+        (low, high), _ = bootstrap_intervals(score_pairs(refs, preds), 1000, config["seed"])
+        metrics.update(val_cer_ci95_low=low, val_cer_ci95_high=high)
         with amp(), model.disable_adapter():
             metrics["val_cer_base"] = corpus_cer(refs, read_images(model, processor, images, config["instruction"],
                                                                    max_new_tokens=budget, stats=cut_base))

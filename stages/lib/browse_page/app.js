@@ -84,7 +84,9 @@ function prediction(s, run) {
 function image(s) {
   const img = s.thumb ? `<img loading="lazy" src="${esc(s.thumb)}" alt="${esc(s.image_path)}">`
                       : '<span class="muted">(image unreadable)</span>';
-  const full = s.full ? ` <a href="${esc(s.full)}" target="_blank">full size</a>` : "";
+  // a relative path as a URL: each segment encoded (a '#', '?' or '%' in a file name is not a URL's)
+  const href = s.full && s.full.split("/").map(encodeURIComponent).join("/");
+  const full = s.full ? ` <a href="${esc(href)}" target="_blank">full size</a>` : "";
   return `${img}<div class="figs">${esc(s.image_path)}${full}</div>`;
 }
 

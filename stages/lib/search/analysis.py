@@ -272,10 +272,30 @@ def plot_parallel(study, path):
         if isinstance(coll, LineCollection):  # optuna's Blues_r draws the worst trial white on grey
             coll.set_cmap("viridis_r")
             coll.set_linewidth(2)
+    readable_axis_labels(ax)
     ax.set_title(f"Parallel coordinates: {study.study_name} (complete trials)")
     ax.figure.set_size_inches(9, 5)
     save_figure(ax.figure, path)
     return None
+
+
+def readable_axis_labels(ax):
+    """Optuna draws each parameter's tick labels on its axis, over the trials' lines, and a log
+    axis as 2x10^-3: plain numbers (0.002), on a white box. matplotlib still picks which ticks
+    get a label."""
+    from matplotlib.ticker import FuncFormatter
+
+    def plain(formatter):
+        return FuncFormatter(lambda value, pos: f"{value:g}" if formatter(value, pos) else "")
+
+    for axis in ax.figure.axes:
+        if axis.get_label() == "<colorbar>":
+            continue
+        if axis.get_yscale() == "log":
+            axis.yaxis.set_major_formatter(plain(axis.yaxis.get_major_formatter()))
+            axis.yaxis.set_minor_formatter(plain(axis.yaxis.get_minor_formatter()))
+        for label in axis.get_yticklabels(which="both"):
+            label.set_bbox({"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 1.5})
 
 
 def plot_pruning_curves(study, path):

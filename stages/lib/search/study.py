@@ -19,7 +19,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from datetime import timezone
 from pathlib import Path
 
-from ..cli import UserError
+from ..cli import UserError, record_runtime
 from ..io import atomic_write_json, atomic_write_text
 from .space import make_pruner, make_sampler, suggest
 
@@ -236,6 +236,14 @@ def trial_record(t):
             "user_attrs": {k: v for k, v in t.user_attrs.items() if k != "traceback"}}
 
 
+TRIAL_COST = ("samples_per_second", "peak_rss_mib", "cuda_max_memory_allocated_mib", "device")
+
+
+def trial_cost(t):
+    """What a trial cost on this machine (its wall time; for a completed one, run_training's figures)."""
+    return {"duration_s": trial_record(t)["duration_s"], **{k: t.user_attrs.get(k) for k in TRIAL_COST}}
+
+
 def trial_line(t, objective):
     r = trial_record(t)
     params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
@@ -333,18 +341,16 @@ def write_trials_csv(study, path, space_names):
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    cost = ["samples_per_second", "peak_rss_mib", "cuda_max_memory_allocated_mib", "trainable_params", "device"]
-    writer.writerow(["trial", "state", "value", "duration_s", *space_names, "best_step", "last_step",
-                     "worker", "error", *cost])   # cost: what a completed trial's training cost (run_training)
+    # quality and config only: what a trial cost on this machine goes to metrics/runtime/search.json
+    writer.writerow(["trial", "state", "value", *space_names, "best_step", "last_step", "worker", "error",
+                     "trainable_params"])
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        r = trial_record(t)
         writer.writerow([t.number, t.state.name, t.value if t.state.name == "COMPLETE" else "",
-                         "" if r["duration_s"] is None else r["duration_s"],
                          *[t.params.get(n, "") for n in space_names],
                          t.user_attrs.get("best_step", ""),
                          max(t.intermediate_values) if t.intermediate_values else "",
                          t.user_attrs.get("worker", ""), t.user_attrs.get("error", ""),
-                         *["" if t.user_attrs.get(k) is None else t.user_attrs[k] for k in cost]])
+                         t.user_attrs.get("trainable_params", "")])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -376,7 +382,7 @@ def write_outputs(study, settings, out_dir, *, skipped):
     write_trials_csv(study, out_dir / "trials.csv", names)
     c = counts(study)
     info = {"params": {}, "trial": None, "value": None, "objective": settings["objective"],
-            "study_name": study.study_name, "timestamp": last_finished(study), "skipped": skipped,
+            "study_name": study.study_name, "skipped": skipped,
             "trials": {"complete": c["COMPLETE"], "pruned": c["PRUNED"], "failed": c["FAIL"]},
             "adapter": None}
     if not skipped:
@@ -390,4 +396,8 @@ def write_outputs(study, settings, out_dir, *, skipped):
     config = training_config(settings["fixed"], overrides=info["params"])
     atomic_write_json(out_dir / "best_config.json", config)
     atomic_write_json(out_dir / "best_params.json", info)
+    # times vary by machine: metrics/runtime/search.json, not the files above (a re-run elsewhere
+    # that finds the same trials leaves them byte for byte)
+    record_runtime(last_trial_finished=last_finished(study),
+                   trials={t.number: trial_cost(t) for t in study.get_trials(deepcopy=False)})
     return info

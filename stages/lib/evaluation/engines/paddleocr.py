@@ -15,12 +15,18 @@ Settings (params.yaml `runs.engines.paddleocr`):
     limit_type  how the detector resizes the image: min | max | auto
                   min: short side brought up to 736 px (RapidOCR's default; upscales small images)
                   max: long side brought down to 960 px, never upscaled
-                  auto: `max` when the image is a strip, i.e. its short side is below 736 px and
-                        upscaling it to 736 px would take the long side past 2048 px
-                        (long/short > 2.78: single text lines); otherwise `min`.
-                Measured on 2 cores: on 64 px single lines (~300 px wide) min is ~20x slower than
-                max (3.1 s vs 0.15 s per line) and no more accurate; on the default 128 px square
-                images max loses accuracy (corpus CER 0.114 vs 0.041 over 50 lines).
+                  auto: `max` for a line crop: short side below 736 px and either wider than
+                        tall (width >= 1.2 x height) or a short side below 100 px; otherwise
+                        `min` (the default dataset's 128 px squares, and pages, which `min` leaves
+                        as they are).
+                Measured with bench/bench_paddle_limit.py (normalized corpus CER, empty predictions,
+                CPU s per image): 120 line crops as receipt photos and scans give them (rendered
+                offline: proportional fonts, text 16-60 px high, tight margins, tilt, blur, JPEG;
+                36-529 x 16-88 px; a third short, like `$39.0` or `八達通`): min 0.446 / 51 empty /
+                1.35 s, max 0.005 / 1 / 0.02 s, the former auto (max only for strips with
+                long/short > 2.78) 0.040 / 12 / 0.12 s, this auto 0.005 / 1 / 0.02 s. 100 default
+                grid images (128 px squares): min 0.030 / 0 / 0.17 s, max 0.164 / 0 / 0.05 s,
+                this auto picks min. No real photos were at hand offline.
     threads     onnxruntime intra-op threads per engine; 0 = os.cpu_count() (values above it are
                 capped at it).
 
@@ -59,7 +65,8 @@ CLS_MODEL = ("PP-OCRv4", "mobile")                 # RapidOCR's default classifi
 LIMIT_TYPES = ("auto", "min", "max")
 MIN_SIDE = 736        # limit_type min: the short side is brought up to this
 MAX_SIDE = 960        # limit_type max: the long side is brought down to this
-AUTO_LONG_CAP = 2048  # auto: min unless it would make the long side longer than this
+LINE_ASPECT = 1.2     # auto: an image at least this much wider than tall (and short side < MIN_SIDE) is a line
+SMALL_SIDE = 100      # auto: an image with a shorter short side is a crop too (never upscaled 7x)
 INSTALL_HINT = "pip install rapidocr==3.10.0 onnxruntime==1.32.0 (requirements.txt)"
 
 
@@ -151,9 +158,9 @@ def effective_threads(threads):
 def detector_limit(width, height, limit_type):
     """(limit_type, limit_side_len) the detector uses for an image of this size (see the module doc)."""
     if limit_type == "auto":
-        short, long = min(width, height), max(width, height)
-        strip = short < MIN_SIDE and long * MIN_SIDE / max(short, 1) > AUTO_LONG_CAP
-        limit_type = "max" if strip else "min"
+        short = min(width, height)
+        line_crop = short < MIN_SIDE and (width >= LINE_ASPECT * height or short < SMALL_SIDE)
+        limit_type = "max" if line_crop else "min"
     return (limit_type, MIN_SIDE if limit_type == "min" else MAX_SIDE)
 
 
