@@ -29,7 +29,7 @@ from .lib import params as P
 from .lib.cli import UserError, run_main
 from .lib.evaluation.client import sample_key   # the image (path and content hash) and the label
 from .lib.images import ImageError, content_hash, load_image, png_bytes, split_ref
-from .lib.io import atomic_dir, atomic_write_text, read_json
+from .lib.io import atomic_dir, atomic_write_text, check_replaceable, read_json
 from .lib.metrics import normalize_many
 from .lib.runs import load_runs, scored_path
 
@@ -146,10 +146,10 @@ def write_thumbnails(samples, thumb_dir, px, workers):
     return len(made)
 
 
-def write_page(out_dir, data, config):
+def write_page(out_dir, data, config, inputs=()):
     """browse/: the static page, data.js (the data as one JS assignment: file:// pages cannot fetch
     JSON) and thumbs/, built in a temp folder that replaces the old one whole."""
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, inputs=inputs) as tmp:
         tmp = Path(tmp)
         made = write_thumbnails(data["samples"], tmp / "thumbs", config["thumb_px"], config["workers"])
         for name in PAGE_FILES:
@@ -205,10 +205,11 @@ def main(argv=None):
     if args.serve:
         serve(args.out, args.port)
         return
+    check_replaceable(args.out, inputs=[args.scored_dir])   # before any work: never `--out results`
     config = settings(P.load_params(PARAMS))
     docs = read_scored(config["runs"], args.scored_dir)
     data = collect(config["runs"], docs, args.out)
-    made = write_page(args.out, data, config)
+    made = write_page(args.out, data, config, inputs=[args.scored_dir])
     print(f"browse: {len(data['samples'])} samples x {len(config['runs'])} runs, {made} thumbnails -> "
           f"{args.out}/index.html (opens offline)")
 

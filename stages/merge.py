@@ -120,7 +120,7 @@ def main(argv=None):
 
     start = time.time()
     M.return_freed_memory()
-    with atomic_dir(args.out) as tmp:
+    with atomic_dir(args.out, inputs=[base_dir, args.adapter, args.rows]) as tmp:
         # 1. Reference: base + adapter, unmerged, in the merge dtype.
         peft_model, reference, figures = M.reference_runs(
             base_dir, args.adapter, torch_dtype, processor, images, instruction, args.max_new_tokens)

@@ -222,7 +222,7 @@ def main(argv=None):
         raise UserError(f"--test-ratio (split.test_ratio) must be between 0 and 1, got {args.test_ratio}")
 
     # Everything is written into a temp folder that replaces data/input only when the split succeeded.
-    with atomic_dir(args.output_dir) as out:
+    with atomic_dir(args.output_dir, inputs=[args.input]) as out:
         (out / PAGES_DIR).mkdir()
         rows, counts = read_raw(args.input, args.empty_text, args.pdf_dpi, out / PAGES_DIR,
                                 Path(args.output_dir) / PAGES_DIR)

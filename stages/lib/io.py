@@ -63,18 +63,90 @@ def atomic_write_json(path, obj, indent=2):
     atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
 
 
+# The file every folder output holds: the stage wrote this folder, so the stage may replace it. A
+# folder without it (the user's images, the project root, `results/`) is never deleted.
+MARKER = ".stage-output"
+MARKER_TEXT = "This folder is written whole by a stage of the pipeline: the next run replaces it.\n"
+
+
+def _aside(path):
+    """Where the old folder waits while the new one is moved in (a fixed name: a re-run finds it)."""
+    return path.parent / f".{path.name}.replaced"
+
+
+def _building_prefix(path):
+    return f".{path.name}.building-"
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_dir(path):
+    """Finish or undo a replace that was interrupted (Ctrl-C, SIGKILL, power loss), and remove the
+    temp folders of runs that died: the old folder is back, or the new one is in place, never neither."""
+    path = Path(path)
+    aside = _aside(path)
+    if aside.exists():
+        if path.exists():
+            shutil.rmtree(aside)           # the new folder was moved in: finish deleting the old one
+        else:
+            os.replace(aside, path)        # killed between the two moves: the old folder comes back
+    if path.parent.is_dir():
+        for tmp in path.parent.glob(_building_prefix(path) + "*"):
+            pid = tmp.name[len(_building_prefix(path)):].split(".", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)) and (tmp / MARKER).is_file():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_replaceable(path, inputs=()):
+    """A one-line UserError unless `path` is a folder this stage may replace: absent, empty, or
+    written by a stage (it holds MARKER), and neither an input nor a folder holding an input."""
+    path = Path(path)
+    where = path.resolve()
+    if where == Path.cwd().resolve() or where in Path.cwd().resolve().parents:
+        raise UserError(f"{path}: the output folder holds the project itself; name a folder of its own")
+    for item in inputs:
+        item = Path(item).resolve()
+        if item == where or where in item.parents:
+            raise UserError(f"{path}: the output folder holds an input ({item}); name another output folder")
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise UserError(f"{path}: exists and is not a folder; the stage writes a folder there (move it away)")
+    if path.is_dir() and any(path.iterdir()) and not (path / MARKER).is_file():
+        raise UserError(f"{path}: the folder holds files the stage did not write (no {MARKER}); the stage "
+                        "replaces its output folder whole, so it leaves this one alone: name another "
+                        "folder, or delete this one yourself")
+
+
 @contextmanager
-def atomic_dir(path):
-    """Yield a temp folder beside `path`; on success it replaces `path`, on error it is removed."""
+def atomic_dir(path, inputs=()):
+    """Yield a temp folder beside `path`; on success it replaces `path`, on error it is removed.
+
+    Only a folder a stage wrote is ever replaced (check_replaceable). The replace is recoverable at
+    every instant: the old folder is moved aside, the new one moved in, then the old one deleted;
+    the next run finishes or undoes an interrupted replace (recover_dir)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    recover_dir(path)
+    check_replaceable(path, inputs)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{_building_prefix(path)}{os.getpid()}."))
     try:
+        (tmp / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        check_replaceable(path, inputs)    # still ours (nothing else wrote there meanwhile)
+        aside = _aside(path)
         if path.exists():
-            shutil.rmtree(path)
+            os.replace(path, aside)
         os.replace(tmp, path)
+        if aside.exists():
+            shutil.rmtree(aside)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,154 @@
+"""Hostile and careless input: outputs never delete what they did not write, a killed replace loses
+nothing, hostile files stay data, and every bad input is one line with exit code 2."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, make_rows
+
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+
+
+def run_stage(module, *args, cwd, timeout=300):
+    return subprocess.run([sys.executable, "-m", f"stages.{module}", *args], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(done, *needles):
+    """The stage failed the user-error way: exit 2, one line on stderr, no traceback."""
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def project(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    return tmp_path
+
+
+def write_raw(project, n=8, seed=0, name="raw.json"):
+    rows = [{"img_path": os.path.relpath(r["image_path"], project), "ocr_results": r["ocr_text"]}
+            for r in make_rows(project / "img" / f"doc{seed}", n, seed=seed)]
+    (project / name).write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return name
+
+
+def split(project, raw, out="out", *extra):
+    return run_stage("split", "--input", raw, "--output-dir", out, "--metrics", "m.json", "--plots-dir", "plots",
+                     "--group-by", "none", *extra, cwd=project)
+
+
+def tree(folder):
+    """{relative path: bytes} of every file under folder."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------ outputs never delete what they did not write
+
+def test_output_folder_with_foreign_files_is_refused_and_kept(project):
+    raw = write_raw(project)
+    (project / "mydata").mkdir()
+    (project / "mydata" / "notes.txt").write_text("mine")
+    one_line_error(split(project, raw, "mydata"), "mydata", "did not write")
+    assert (project / "mydata" / "notes.txt").read_text() == "mine"
+    images = tree(project / "img")
+    one_line_error(split(project, raw, "img"), "img")          # the input images' folder
+    one_line_error(split(project, raw, "."), "project itself")  # the project root
+    assert tree(project / "img") == images and (project / raw).is_file() and (project / "params.yaml").is_file()
+
+
+def test_output_holding_the_input_is_refused(project):
+    write_raw(project)
+    assert split(project, "raw.json", "out").returncode == 0
+    (project / "out" / "raw.json").write_text((project / "raw.json").read_text(encoding="utf-8"), encoding="utf-8")
+    one_line_error(split(project, "out/raw.json", "out"), "holds an input")
+    assert (project / "out" / "raw.json").is_file()
+
+
+def test_browse_refuses_to_replace_results(project):
+    (project / "results").mkdir()
+    (project / "results" / "finetuned.json").write_text("{}")
+    (project / "scored").mkdir()
+    done = run_stage("browse", "--out", "results", "--scored-dir", "scored", cwd=project)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert (project / "results" / "finetuned.json").read_text() == "{}"
+
+
+KILL_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+window, ready = sys.argv[1], Path(sys.argv[2])
+real_replace = os.replace
+
+def pause():
+    ready.write_text("in the window")
+    time.sleep(600)   # SIGKILLed here
+
+def replace(src, dst):
+    real_replace(src, dst)
+    if window == "aside" and str(dst).endswith(".replaced"):
+        pause()        # the old folder is aside, the new one not yet in
+    if window == "moved" and ".building-" in str(src) and Path(dst).name == "out":
+        pause()        # the new folder is in, the old one not yet deleted
+
+os.replace = replace
+if window == "building":
+    import stages.split as S
+    real_write = S.atomic_write_json
+    def write(path, obj, indent=2):
+        real_write(path, obj, indent)
+        if Path(path).name == "ocr_non_test.json":
+            pause()    # the new folder half built
+    S.atomic_write_json = write
+import stages.split
+from stages.lib.cli import run_main
+run_main(stages.split.main, sys.argv[3:])
+"""
+
+
+@pytest.mark.parametrize("window", ["building", "aside", "moved"])
+def test_sigkill_inside_the_replace_loses_nothing(project, window):
+    """A real split process is SIGKILLed at each instant of the folder replace; at every instant the
+    old or the new output is whole on disk, and the next run finishes the job and cleans up."""
+    old_raw, new_raw = write_raw(project, seed=1, name="old.json"), write_raw(project, seed=2, name="new.json")
+    assert split(project, old_raw).returncode == 0
+    old = tree(project / "out")
+    assert json.loads(old["ocr_test.json"])
+    ready = project / "ready"
+    script = project / "kill_in_window.py"
+    script.write_text(KILL_SCRIPT)
+    args = ["--input", new_raw, "--output-dir", "out", "--metrics", "m.json", "--plots-dir", "plots", "--group-by", "none"]
+    proc = subprocess.Popen([sys.executable, str(script), window, str(ready), *args], cwd=project, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # Right after the kill: the old output is whole, in place or aside, or the new one is in place.
+    aside = project / ".out.replaced"
+    on_disk = [tree(p) for p in (project / "out", aside) if p.is_dir()]
+    assert old in on_disk or window == "moved"
+    if window == "moved":
+        assert tree(project / "out")["ocr_test.json"] != old["ocr_test.json"]
+    # The next run (any run writing `out`) restores or finishes the replace and removes the leftovers.
+    done = split(project, old_raw)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert tree(project / "out") == old
+    leftovers = [p.name for p in project.iterdir() if p.name.startswith(".out.")]
+    assert leftovers == []
