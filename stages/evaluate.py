@@ -116,7 +116,7 @@ def parse_args(argv):
                         help="'auto' (from the longest label of the split) or a number")
     parser.add_argument("--startup-timeout", type=float, default=model(lambda: get("startup_timeout", float, minimum=1)))
     parser.add_argument("--instruction", default=model(lambda: P.get(params, "instruction", str)))
-    args = parser.parse_args(argv)
+    args = P.parse_checked(parser, argv)
     if is_engine:
         args.engine_settings = load_engine(args.engine).settings(params)
     else:

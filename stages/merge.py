@@ -58,7 +58,7 @@ def parse_args(argv):
                     help="merge dtype: auto = bf16 (fp16 on GPUs without bf16); float32 only for exact checks")
     ap.add_argument("--tolerance", type=float, default=None, help="relative logit tolerance (default: per dtype)")
     ap.add_argument("--keep-free-gb", type=float, default=1.0, help="disk space to leave free after the merge")
-    args = ap.parse_args(argv)
+    args = P.parse_checked(ap, argv)
     for name in ("samples", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")

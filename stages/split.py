@@ -33,6 +33,8 @@ PAGES_DIR = "pages"   # rendered PDF pages, inside OUT_DIR
 METRICS = "metrics/split.json"
 PLOT_DIR = "plots/split"
 PARAMS = ["split"]
+GROUP_BY = ("none", "parent")
+EMPTY_TEXT = ("error", "drop", "keep")
 
 
 def read_raw(path, empty_text, pdf_dpi=200, pages_dir=None, pages_name=None):
@@ -212,12 +214,12 @@ def main(argv=None):
     parser.add_argument("--output-dir", default=OUT_DIR)
     parser.add_argument("--test-ratio", type=float, default=P.get(params, "split.test_ratio", float))
     parser.add_argument("--seed", type=int, default=P.get(params, "split.seed", int))
-    parser.add_argument("--group-by", choices=["none", "parent"], default=P.get(params, "split.group_by", str))
-    parser.add_argument("--empty-text", choices=["error", "drop", "keep"], default=P.get(params, "split.empty_text", str))
+    parser.add_argument("--group-by", choices=GROUP_BY, default=P.get(params, "split.group_by", str, choices=GROUP_BY))
+    parser.add_argument("--empty-text", choices=EMPTY_TEXT, default=P.get(params, "split.empty_text", str, choices=EMPTY_TEXT))
     parser.add_argument("--pdf-dpi", type=int, default=P.get(params, "split.pdf_dpi", int, minimum=36, maximum=1200))
     parser.add_argument("--metrics", default=METRICS)
     parser.add_argument("--plots-dir", default=PLOT_DIR)
-    args = parser.parse_args(argv)
+    args = P.parse_checked(parser, argv)
     if not 0.0 < args.test_ratio < 1.0:
         raise UserError(f"--test-ratio (split.test_ratio) must be between 0 and 1, got {args.test_ratio}")
 

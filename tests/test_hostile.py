@@ -152,3 +152,37 @@ def test_sigkill_inside_the_replace_loses_nothing(project, window):
     assert tree(project / "out") == old
     leftovers = [p.name for p in project.iterdir() if p.name.startswith(".out.")]
     assert leftovers == []
+
+
+# ------------------------------------------------------------------ every bad param is one line
+
+def set_params(project, **changes):
+    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    for dotted, value in changes.items():
+        node = params
+        *parents, last = dotted.split("__")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+
+
+@pytest.mark.parametrize("changes, flags, needle", [
+    ({"split__group_by": "parnet"}, [], "split.group_by"),
+    ({"split__empty_text": "dorp"}, [], "split.empty_text"),
+    ({"split__test_ratio": float("nan")}, [], "split.test_ratio"),
+    ({}, ["--test-ratio", "inf"], "--test-ratio"),
+])
+def test_bad_split_params_are_one_line(project, changes, flags, needle):
+    raw = write_raw(project, n=4)
+    set_params(project, **changes)
+    one_line_error(split(project, raw, "out", *flags) if not flags else
+                   run_stage("split", "--input", raw, "--output-dir", "out", *flags, cwd=project), needle)
+    assert not (project / "out").exists()
+
+
+@pytest.mark.parametrize("key, value", [("learning_rate", float("inf")), ("val_ratio", float("nan"))])
+def test_non_finite_training_params_are_one_line(project, key, value):
+    set_params(project, **{key: value})
+    one_line_error(run_stage("train", "--output", "lora", cwd=project), key, "finite")
+    assert not (project / "lora").exists()
