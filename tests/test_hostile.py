@@ -186,3 +186,70 @@ def test_non_finite_training_params_are_one_line(project, key, value):
     set_params(project, **{key: value})
     one_line_error(run_stage("train", "--output", "lora", cwd=project), key, "finite")
     assert not (project / "lora").exists()
+
+
+# ------------------------------------------------------------------ hostile images: bounded work, one line
+
+def bomb_png(path, width=60000, height=60000):
+    """A PNG header declaring width x height pixels (a few hundred bytes on disk)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def huge_pdf(path):
+    import pypdfium2 as pdfium
+
+    pdf = pdfium.PdfDocument.new()
+    pdf.new_page(14400, 14400)   # the largest PDF page: 40,000 x 40,000 pixels at 200 dpi
+    pdf.save(str(path))
+
+
+def long_tiff(path, pages=3000):
+    from PIL import Image
+
+    frames = [Image.new("L", (8, 8), 255) for _ in range(pages)]
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+
+
+@pytest.mark.parametrize("make, name, texts, needle", [
+    (bomb_png, "bomb.png", "x", "megapixels"),
+    (huge_pdf, "huge.pdf", ["x"], "megapixels"),
+    (long_tiff, "long.tif", "x", "pages, over the limit"),
+])
+def test_hostile_images_are_one_line_and_fast(project, make, name, texts, needle):
+    ok = write_raw(project, n=3)
+    make(project / name)
+    rows = json.loads((project / ok).read_text(encoding="utf-8")) + [{"img_path": name, "ocr_results": texts}]
+    (project / "raw.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    start = time.monotonic()
+    one_line_error(split(project, "raw.json"), "row 3", name, needle)
+    assert time.monotonic() - start < 60
+    assert not (project / "out").exists()
+
+
+def test_same_image_under_two_spellings_is_one_image(project):
+    write_raw(project, n=4)
+    rows = json.loads((project / "raw.json").read_text(encoding="utf-8"))
+    first = Path(rows[0]["img_path"])
+    rows.append({"img_path": f"{first.parent}/../{first.parent.name}/{first.name}", "ocr_results": "again"})
+    (project / "raw.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    one_line_error(split(project, "raw.json"), "row 4", "duplicate", "row 0")
+    rows[-1]["img_path"] = f"img/../{rows[1]['img_path']}"
+    del rows[0]
+    (project / "raw.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    one_line_error(split(project, "raw.json"), "duplicate")
+    rows.pop()
+    (project / "raw.json").write_text(json.dumps(rows[:1] + [{"img_path": f"./{rows[1]['img_path']}",
+                                                             "ocr_results": rows[1]["ocr_results"]}] + rows[2:]),
+                                      encoding="utf-8")
+    assert split(project, "raw.json").returncode == 0
+    written = json.loads((project / "out" / "ocr_test.json").read_text()) + \
+        json.loads((project / "out" / "ocr_non_test.json").read_text())
+    assert sorted(r["image_path"] for r in written) == sorted(r["img_path"] for r in rows)   # './' dropped
