@@ -31,7 +31,7 @@ import orjson
 from .lib import metrics as M
 from .lib import params as P
 from .lib.cli import UserError, run_main
-from .lib.io import atomic_dir, atomic_write_bytes, atomic_write_text
+from .lib.io import atomic_dir, atomic_write_bytes, atomic_write_text, clean_surrogates
 from .lib.runs import RAW_DIR, SCORED_DIR, load_runs, raw_path, scored_path
 
 METRICS = "metrics/score.json"
@@ -51,7 +51,8 @@ def load_evaluation(path):
         doc = parse_mapped(path)  # orjson: several times faster than json on 200k samples
     except orjson.JSONDecodeError:
         try:
-            doc = json.loads(path.read_bytes())  # also accepts NaN/Infinity, which a Python writer may emit
+            # also accepts NaN/Infinity, which a Python writer may emit, and lone surrogates (cleaned)
+            doc = clean_surrogates(json.loads(path.read_bytes()))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             where = f" ({err.msg} at line {err.lineno} column {err.colno})" if isinstance(err, json.JSONDecodeError) else ""
             raise UserError(f"{path}: not valid JSON{where}") from None

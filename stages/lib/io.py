@@ -1,6 +1,7 @@
 """Reading the data formats and writing outputs atomically (temp file + rename)."""
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -16,11 +17,34 @@ def read_json(path):
         raise UserError(f"{path}: file not found")
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            text = f.read()
+        data = json.loads(text)
+        return clean_surrogates(data) if SURROGATE_ESCAPE.search(text) else data
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
+
+
+# JSON may spell a lone UTF-16 surrogate ("\ud800"), which no UTF-8 file, terminal or page can
+# hold: every text read from JSON (files, server replies) goes through clean_surrogates.
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def clean_text(text):
+    """`text` with surrogate pairs joined and lone surrogates replaced by U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def clean_surrogates(value):
+    """clean_text on every string (keys too) of a JSON value."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, list):
+        return [clean_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {clean_surrogates(k): clean_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def _umask():

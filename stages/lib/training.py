@@ -273,7 +273,7 @@ def load_for_training(config, base_dir, backend):
         from unsloth import FastVisionModel
 
         model, _ = FastVisionModel.from_pretrained(str(base_dir), load_in_4bit=config["load_in_4bit"],
-                                                   use_gradient_checkpointing="unsloth")
+                                                   use_gradient_checkpointing="unsloth", trust_remote_code=False)
         model = FastVisionModel.get_peft_model(
             model, r=config["lora_r"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
             finetune_vision_layers=config["finetune_vision_layers"],
