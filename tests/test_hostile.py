@@ -253,3 +253,125 @@ def test_same_image_under_two_spellings_is_one_image(project):
     written = json.loads((project / "out" / "ocr_test.json").read_text()) + \
         json.loads((project / "out" / "ocr_non_test.json").read_text())
     assert sorted(r["image_path"] for r in written) == sorted(r["img_path"] for r in rows)   # './' dropped
+
+
+# ------------------------------------------------------------------ hostile peers: servers, model folders, results
+
+def rows_file(project, n=2):
+    rows = make_rows(project / "img" / "eval", n)
+    (project / "rows.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return rows
+
+
+@pytest.mark.parametrize("server_args", [["--host", "0.0.0.0"], ["--host=0.0.0.0"], ["--port", "80"],
+                                         ["--trust-remote-code"]])
+def test_managed_server_args_cannot_change_where_it_listens(project, server_args):
+    """Whatever evaluate.server_args say, the managed server listens on 127.0.0.1 and runs no folder code:
+    reserved arguments are refused before any server starts."""
+    set_params(project, evaluate__server_args=server_args)
+    rows_file(project)
+    done = run_stage("evaluate", "--data-file", "rows.json", "--output-file", "out.json", cwd=project)
+    one_line_error(done, "evaluate.server_args", server_args[0].split("=")[0], "127.0.0.1")
+    assert not (project / "out.json").exists()
+
+
+def test_model_folder_with_custom_code_is_one_line_and_never_imported(project):
+    folder = project / "evil"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {"AutoConfig": "evil.Config"}}))
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "evil.py").write_text("open(__file__ + '.ran', 'w').write('ran')\n")
+    rows_file(project)
+    done = run_stage("evaluate", "--model-dir", "evil", "--data-file", "rows.json", "--output-file", "out.json",
+                     "--max-tokens", "8", cwd=project)
+    one_line_error(done, "evil/config.json", "auto_map")
+    assert not (folder / "evil.py.ran").exists() and not (project / "out.json").exists()
+
+
+class KeyedServer:
+    """An OpenAI-compatible server that wants `Authorization: Bearer KEY` and replies what no real server
+    can be made to on demand: a lone surrogate in the text, token counts as strings."""
+
+    def __init__(self, key):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        import threading
+
+        seen = self.auth = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def send(self, code, text):
+                data = text.encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def authorized(self):
+                seen.append(self.headers.get("Authorization"))
+                return self.headers.get("Authorization") == f"Bearer {key}"
+
+            def do_GET(self):
+                if not self.authorized():
+                    return self.send(401, '{"error": "no key"}')
+                self.send(200, '{"object": "list", "data": [{"id": "m"}]}')
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                if not self.authorized():
+                    return self.send(401, '{"error": "no key"}')
+                self.send(200, '{"choices": [{"finish_reason": "stop", "message": {"content": "a\\ud800b"}}],'
+                               ' "usage": {"completion_tokens": "12", "prompt_tokens": "x"}}')
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_api_key_goes_as_bearer_token_and_never_into_outputs(project, monkeypatch):
+    rows_file(project)
+    server = KeyedServer("s3cret-key")
+    monkeypatch.setitem(ENV, "OCR_API_KEY", "s3cret-key")
+    try:
+        done = run_stage("evaluate", "--vllm-url", server.url, "--data-file", "rows.json", "--output-file", "out.json",
+                         "--max-tokens", "8", "--workers", "1", cwd=project)
+    finally:
+        server.server.shutdown()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert set(server.auth) == {"Bearer s3cret-key"}
+    text = (project / "out.json").read_text(encoding="utf-8")
+    assert "s3cret" not in text + done.stdout + done.stderr
+    doc = json.loads(text)
+    assert [s["prediction"] for s in doc["samples"]] == ["a\ufffdb"] * 2     # the lone surrogate replaced
+    assert [s["completion_tokens"] for s in doc["samples"]] == [None, None]  # "12" is no count
+    # Credentials in the URL are refused, never stored.
+    done = run_stage("evaluate", "--vllm-url", "http://user:s3cret@127.0.0.1:9/v1", "--data-file", "rows.json",
+                     "--output-file", "out2.json", "--max-tokens", "8", cwd=project)
+    line = one_line_error(done, "credentials", "OCR_API_KEY")
+    assert "s3cret" not in line and not (project / "out2.json").exists()
+
+
+def test_search_password_with_at_sign_is_never_shown(monkeypatch, tmp_path):
+    from stages.lib.cli import UserError
+    from stages.lib.search.study import open_storage, storage_url
+
+    monkeypatch.setenv("OCR_SEARCH_STORAGE", "postgresql+psycopg2://bob:p@ss:w0rd@127.0.0.1:9/db")
+    with pytest.raises(UserError) as refused:
+        storage_url(tmp_path)
+    assert "%40" in str(refused.value) and "bob:***@127.0.0.1:9/db" in str(refused.value)
+    assert "ss" not in str(refused.value).replace("password", "")
+    with pytest.raises(UserError) as failed:   # an encoded '@': the driver's message hides the password
+        open_storage("postgresql+psycopg2://bob:p%40ss:w0rd@127.0.0.1:9/db")
+    assert "w0rd" not in str(failed.value) and "bob:***@" in str(failed.value)
+
+
+def test_two_runs_with_one_title_are_one_line(project):
+    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    models = params["runs"]["models"]
+    first, second = list(models)[:2]
+    models[second]["title"] = models[first]["title"]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    one_line_error(run_stage("browse", cwd=project), "same title", first, second)
