@@ -375,3 +375,110 @@ def test_two_runs_with_one_title_are_one_line(project):
     models[second]["title"] = models[first]["title"]
     (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     one_line_error(run_stage("browse", cwd=project), "same title", first, second)
+
+
+# ------------------------------------------------------------------ the results page: tampered files stay data
+
+XSS = '<img src=x onerror="document.body.dataset.pwned=1">"\'><script>document.body.dataset.pwned=2</script>'
+
+
+@pytest.fixture
+def page_project(project):
+    """results/ with script in every text field -> (score) scored/ -> (browse) browse/."""
+    from test_browse import RUNS
+
+    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    params["runs"] = json.loads(json.dumps(RUNS))
+    params["runs"]["engines"]["tesseract"]["title"] = "Tess " + XSS
+    (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    rows = [(os.path.relpath(r["image_path"], project), r["ocr_text"]) for r in make_rows(project / "data/lines", 3)]
+    rows.append(("data/lines/" + XSS + ".png", "no such image"))
+    (project / "results").mkdir()
+    for name in ("finetuned", "base", "tesseract"):
+        samples = [{"image_path": path, "label": text + XSS, "prediction": XSS + text, "finish_reason": XSS}
+                   for path, text in rows]
+        samples[1].update(prediction=None, error=XSS)
+        (project / "results" / f"{name}.json").write_text(json.dumps({"samples": samples}, ensure_ascii=False))
+    for stage in ("score", "browse"):
+        done = run_stage(stage, cwd=project)
+        assert done.returncode == 0, done.stderr[-2000:]
+    return project
+
+
+def rendered(project):
+    from test_browse import chromium
+
+    url = (project / "browse" / "index.html").as_uri()
+    return chromium("--virtual-time-budget=5000", "--dump-dom", url)
+
+
+def browser_or_skip():
+    from test_browse import CHROMIUM
+
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (make setup installs it)")
+
+
+def test_script_in_every_text_field_stays_text_in_chromium(page_project):
+    browser_or_skip()
+    dom = rendered(page_project)
+    assert 'data-ready="1"' in dom and "pwned" not in dom.split("<body", 1)[1].split(">", 1)[0]
+    assert "<script>document" not in dom and "&lt;img src=x" in dom
+
+
+def test_tampered_page_data_stays_text_in_chromium(page_project):
+    """data.js edited by hand (past the stage's checks): the page escapes what it puts in attributes."""
+    browser_or_skip()
+    path = page_project / "browse" / "data.js"
+    text = path.read_text(encoding="utf-8")
+    data = json.loads(text[text.index("=") + 1:].rstrip().rstrip(";"))
+    data["samples"][0]["runs"]["finetuned"]["c"] = XSS
+    data["runs"][0]["scored_samples"] = XSS
+    path.write_text(f"window.BROWSE_DATA = {json.dumps(data)};\n", encoding="utf-8")
+    dom = rendered(page_project)
+    assert 'data-ready="1"' in dom and "pwned" not in dom.split("<body", 1)[1].split(">", 1)[0]
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("image_sha256", "../../../outside", "image_sha256"),
+    ("cer_score", XSS, "cer_score"),
+    ("label", {"html": XSS}, "label"),
+])
+def test_tampered_scored_file_is_one_line(page_project, field, value, needle):
+    path = page_project / "scored" / "base.json"
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc["samples"][0][field] = value
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    before = tree(page_project / "browse")
+    one_line_error(run_stage("browse", cwd=page_project), "scored/base.json", "samples[0]", needle)
+    assert tree(page_project / "browse") == before
+    assert not (page_project / "outside.png").exists()
+
+
+def test_serve_follows_no_link_out_of_the_project_and_port_in_use_is_one_line(page_project, tmp_path_factory):
+    import socket
+    import urllib.error
+    import urllib.request
+
+    secret = tmp_path_factory.mktemp("elsewhere") / "secret.png"
+    secret.write_bytes(b"\x89PNG not yours")
+    (page_project / "data" / "linked.png").symlink_to(secret)
+    path = page_project / "scored" / "base.json"   # a scored sample naming the link
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc["samples"][0]["image_path"] = "data/linked.png"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    assert run_stage("browse", cwd=page_project).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "stages.browse", "--serve", "--port", "0"], cwd=page_project,
+                            env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().split("serving ")[1].split(" ")[0]
+        base = url.rsplit("/browse/", 1)[0]
+        for target in ("data/linked.png", "browse/../data/linked.png"):
+            with pytest.raises(urllib.error.HTTPError):
+                urllib.request.urlopen(f"{base}/{target}", timeout=10)
+        assert urllib.request.urlopen(f"{base}/data/lines/line_0000.png", timeout=10).read().startswith(b"\x89PNG")
+        port = int(url.split(":")[2].split("/")[0])
+        one_line_error(run_stage("browse", "--serve", "--port", str(port), cwd=page_project), "--port", "in use")
+    finally:
+        proc.terminate()
+        proc.wait(10)
