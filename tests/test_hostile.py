@@ -482,3 +482,20 @@ def test_serve_follows_no_link_out_of_the_project_and_port_in_use_is_one_line(pa
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_full_disk_is_one_line(project):
+    """A real full filesystem (a 16 KiB tmpfs; needs root to mount, skipped otherwise)."""
+    full = project / "full"
+    full.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(full)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        raw = write_raw(project, n=60)
+        rows = json.loads((project / raw).read_text(encoding="utf-8"))
+        (project / raw).write_text(json.dumps([dict(r, ocr_results=r["ocr_results"] * 40) for r in rows],
+                                              ensure_ascii=False), encoding="utf-8")
+        one_line_error(split(project, raw, "full/out"), "no space left", "full/")
+        assert [p.name for p in full.iterdir()] == []   # nothing half-written left behind
+    finally:
+        subprocess.run(["umount", str(full)], check=True)

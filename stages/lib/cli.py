@@ -1,5 +1,8 @@
 """How every stage reports bad input: one line on stderr, exit code 2, no traceback."""
+import errno
 import sys
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class UserError(Exception):
@@ -12,6 +15,13 @@ def run_main(main, argv=None):
         main(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in FULL:
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"error: no space left on the device{where} ({err.strerror}); free some space and re-run "
+              "(outputs are written whole or not at all)", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
