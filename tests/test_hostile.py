@@ -499,3 +499,30 @@ def test_full_disk_is_one_line(project):
         assert [p.name for p in full.iterdir()] == []   # nothing half-written left behind
     finally:
         subprocess.run(["umount", str(full)], check=True)
+
+
+# ------------------------------------------------------------------ training: resume and deterministic outputs
+
+def test_resume_skips_a_checkpoint_killed_while_written_and_target_modules_are_sorted(tiny_base_dir, tiny_rows,
+                                                                                        tmp_path):
+    import shutil
+
+    from test_train import FirstStep, StopAt, small_config
+    from stages.lib.training import run_training, split_train_val
+
+    config = small_config(num_train_epochs=2.0)   # 10 steps, a checkpoint every 2
+    train, val = split_train_val(tiny_rows, config["val_ratio"], config["seed"])
+    out, ckpt = tmp_path / "lora", tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config, tiny_base_dir, train, val, out, checkpoint_dir=ckpt, callbacks=[StopAt(5)],
+                     measure_cer=False)
+    # What SIGKILL while the Trainer writes checkpoint-6 leaves: its weights, a cut trainer_state.json.
+    shutil.copytree(ckpt / "checkpoint-4", ckpt / "checkpoint-6")
+    state = (ckpt / "checkpoint-6" / "trainer_state.json")
+    state.write_text(state.read_text()[:40])
+    seen = []
+    metrics = run_training(config, tiny_base_dir, train, val, out, checkpoint_dir=ckpt, callbacks=[FirstStep(seen)],
+                           resume=True, measure_cer=False)
+    assert seen[0] == 4 and metrics["global_step"] == 10
+    modules = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    assert modules == sorted(modules) and len(modules) > 1
