@@ -21,6 +21,7 @@ that sample (its resume key includes the hash).
 import argparse
 import os
 import random
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -35,6 +36,7 @@ PAGES_DIR = "pages"   # rendered PDF pages, inside OUT_DIR
 METRICS = "metrics/split.json"
 PLOT_DIR = "plots/split"
 PARAMS = ["split"]
+SYNTH_DIR, OWN_DATA = "data/synthetic", "data/raw_data/ocr.json"   # the synth stage's folder; the README's
 GROUP_BY = ("none", "parent")
 EMPTY_TEXT = ("error", "drop", "keep")
 
@@ -246,7 +248,8 @@ def write_plots(non_test, test, plot_dir):
 def main(argv=None):
     params = P.load_params(PARAMS)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", default="data/raw_data/ocr.json")
+    data = P.get(params, "split.data", str)
+    parser.add_argument("--input", default=f"{data}/ocr.json", help="raw rows (default: params split.data/ocr.json)")
     parser.add_argument("--output-dir", default=OUT_DIR)
     parser.add_argument("--test-ratio", type=float, default=P.get(params, "split.test_ratio", float))
     parser.add_argument("--seed", type=int, default=P.get(params, "split.seed", int))
@@ -256,6 +259,9 @@ def main(argv=None):
     parser.add_argument("--metrics", default=METRICS)
     parser.add_argument("--plots-dir", default=PLOT_DIR)
     args = P.parse_checked(parser, argv)
+    if args.input == f"{SYNTH_DIR}/ocr.json" and Path(OWN_DATA).is_file():
+        print(f"note: {OWN_DATA} is there but split.data is {SYNTH_DIR} (the generated data): set split.data "
+              "to data/raw_data to split your data (README: Bring your own data)", file=sys.stderr)
     if not 0.0 < args.test_ratio < 1.0:
         raise UserError(f"--test-ratio (split.test_ratio) must be between 0 and 1, got {args.test_ratio}")
 

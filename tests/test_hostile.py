@@ -526,3 +526,44 @@ def test_resume_skips_a_checkpoint_killed_while_written_and_target_modules_are_s
     assert seen[0] == 4 and metrics["global_step"] == 10
     modules = json.loads((out / "adapter_config.json").read_text())["target_modules"]
     assert modules == sorted(modules) and len(modules) > 1
+
+
+# ------------------------------------------------------------------ the README's own-data steps, in the wrong order
+
+def test_own_data_survives_dvc_repro_before_dvc_remove_synth(project):
+    """Copy your images under data/raw_data/, then `dvc repro` before anything else (the natural wrong
+    order), then the README's steps: the user's files are never touched."""
+    import shutil
+
+    dvc = shutil.which("dvc", path=str(Path(sys.executable).parent))
+    shutil.copytree(ROOT / "stages", project / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {k: stages[k] for k in ("synth", "split")}}))
+    set_params(project, synth__n_lines=40, split__group_by="none")
+
+    def sh(*cmd):
+        done = subprocess.run(cmd, cwd=project, env=ENV, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    sh("git", "init", "-q")
+    sh(dvc, "init", "-q")
+    rows = [{"img_path": os.path.relpath(r["image_path"], project), "ocr_results": r["ocr_text"]}
+            for r in make_rows(project / "data/raw_data/images/doc1", 6, seed=7)]
+    (project / "data/raw_data/ocr.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    mine = tree(project / "data/raw_data")
+    out = sh(dvc, "repro")   # before `dvc remove synth`: the synth stage writes its own folder
+    assert "Running stage 'synth'" in out and tree(project / "data/raw_data") == mine
+    assert "data/raw_data/ocr.json is there but split.data" in out
+    sh(dvc, "repro", "--force", "synth")
+    assert tree(project / "data/raw_data") == mine
+    params = project / "params.yaml"
+    params.write_text(params.read_text(encoding="utf-8").replace("data: data/synthetic", "data: data/raw_data"))
+    sh(dvc, "remove", "synth", "--outs")
+    sh(dvc, "add", "data/raw_data")
+    sh(dvc, "repro")
+    assert tree(project / "data/raw_data") == mine
+    split_rows = json.loads((project / "data/input/ocr_test.json").read_text(encoding="utf-8")) + \
+        json.loads((project / "data/input/ocr_non_test.json").read_text(encoding="utf-8"))
+    assert sorted(r["image_path"] for r in split_rows) == sorted(r["img_path"] for r in rows)
+    assert not (project / "data/synthetic").exists()
