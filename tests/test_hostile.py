@@ -567,3 +567,30 @@ def test_own_data_survives_dvc_repro_before_dvc_remove_synth(project):
         json.loads((project / "data/input/ocr_non_test.json").read_text(encoding="utf-8"))
     assert sorted(r["image_path"] for r in split_rows) == sorted(r["img_path"] for r in rows)
     assert not (project / "data/synthetic").exists()
+
+
+def test_temp_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    from stages.lib.io import atomic_write_json
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".x.json.{dead.pid}-abcd.tmp"      # what a writer SIGKILLed mid-write leaves
+    live = tmp_path / f".x.json.{os.getpid()}-efgh.tmp"   # a writer still running: left alone
+    stale.write_text("half")
+    live.write_text("busy")
+    atomic_write_json(tmp_path / "x.json", {"a": 1})
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "x.json"])
+
+
+def test_lone_surrogates_in_files_are_replaced(tmp_path):
+    from stages.lib.evaluation.client import load_previous
+    from stages.lib.io import atomic_write_json, read_json
+
+    path = tmp_path / "r.json"
+    path.write_text('{"fingerprint": "f", "samples": [{"image_path": "a", "label": "x\\udc80y\\ud83d\\ude00",'
+                    ' "prediction": "p\\ud800"}]}', encoding="utf-8")
+    doc = read_json(path)
+    assert doc["samples"][0]["label"] == "x\ufffdy\U0001F600"   # a lone one replaced, a pair joined
+    atomic_write_json(tmp_path / "out.json", doc)   # writable as UTF-8 now
+    assert list(load_previous(path, "f").values())[0]["prediction"] == "p\ufffd"

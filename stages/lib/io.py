@@ -17,9 +17,7 @@ def read_json(path):
         raise UserError(f"{path}: file not found")
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
-        data = json.loads(text)
-        return clean_surrogates(data) if SURROGATE_ESCAPE.search(text) else data
+            return loads_clean(f.read())
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
     except UnicodeDecodeError:
@@ -29,6 +27,12 @@ def read_json(path):
 # JSON may spell a lone UTF-16 surrogate ("\ud800"), which no UTF-8 file, terminal or page can
 # hold: every text read from JSON (files, server replies) goes through clean_surrogates.
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def loads_clean(text):
+    """json.loads, with lone surrogates replaced (the walk only when the text spells one)."""
+    data = json.loads(text)
+    return clean_surrogates(data) if SURROGATE_ESCAPE.search(text) else data
 
 
 def clean_text(text):
@@ -60,11 +64,25 @@ def _umask():
 WRITE_PIECE = 1 << 18
 
 
+def remove_dead_temps(path):
+    """The temp files a killed writer of `path` left (.NAME.PID-XXXX.tmp, PID no longer running)."""
+    prefix = f".{path.name}."
+    for tmp in path.parent.glob(f"{glob_escape(prefix)}*-*.tmp"):
+        pid = tmp.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def glob_escape(text):
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
 def atomic_write_bytes(path, data):
     """Write bytes so that readers see either the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_dead_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             view = memoryview(data)
@@ -125,7 +143,7 @@ def recover_dir(path):
         else:
             os.replace(aside, path)        # killed between the two moves: the old folder comes back
     if path.parent.is_dir():
-        for tmp in path.parent.glob(_building_prefix(path) + "*"):
+        for tmp in path.parent.glob(glob_escape(_building_prefix(path)) + "*"):
             pid = tmp.name[len(_building_prefix(path)):].split(".", 1)[0]
             if pid.isdigit() and not _pid_alive(int(pid)) and (tmp / MARKER).is_file():
                 shutil.rmtree(tmp, ignore_errors=True)

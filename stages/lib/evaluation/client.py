@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .. import metrics
 from ..images import ImageError
-from ..io import atomic_write_json, clean_text
+from ..io import atomic_write_json, clean_text, loads_clean
 from ..prompt import chat_messages
 
 
@@ -254,7 +254,7 @@ def load_previous(path, fingerprint):
     say so); a file that cannot be read is treated as absent."""
     try:
         with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+            doc = loads_clean(f.read())
     except (OSError, ValueError):
         return {}
     if not isinstance(doc, dict) or not isinstance(doc.get("samples"), list):
