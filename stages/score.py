@@ -246,7 +246,7 @@ def score_stage(args, runs):
     for run in runs:
         path = raw_path(run, args.results_dir)
         scored[run] = score_document(load_evaluation(path), path, args.bootstrap_samples, args.seed)
-    with atomic_dir(args.scored_dir) as tmp:
+    with atomic_dir(args.scored_dir, inputs=[args.results_dir]) as tmp:
         for run, (out, summary, _) in scored.items():
             write_json(Path(tmp) / f"{run}.json", out)
             print(f"score: {describe(scored_path(run, args.scored_dir), summary)}")

@@ -29,7 +29,7 @@ import sys
 from .lib import params as P
 from .lib import launch
 from .lib.cli import UserError, run_main
-from .lib.io import atomic_write_json, read_split
+from .lib.io import atomic_write_json, check_replaceable, read_split
 from .lib.modeling import resolve_base_dir
 from .lib.training import TRAINING_KEYS, choose_backend, run_training, split_train_val, training_config
 
@@ -57,6 +57,7 @@ def main(argv=None):
     config = training_config(params, {"report_to": args.report_to} if args.report_to else None)
     backend = choose_backend(config)  # refuses unsloth without CUDA, 4-bit on the CPU
     base_dir = resolve_base_dir(args.base_dir)
+    check_replaceable(args.output, inputs=[base_dir, args.non_test])   # before hours of training
     train_rows, val_rows = split_train_val(read_split(args.non_test), config["val_ratio"], config["seed"])
     n, worker = config["num_processes"], launch.is_worker()
     if not worker:

@@ -594,3 +594,15 @@ def test_lone_surrogates_in_files_are_replaced(tmp_path):
     assert doc["samples"][0]["label"] == "x\ufffdy\U0001F600"   # a lone one replaced, a pair joined
     atomic_write_json(tmp_path / "out.json", doc)   # writable as UTF-8 now
     assert list(load_previous(path, "f").values())[0]["prediction"] == "p\ufffd"
+
+
+def test_train_refuses_an_output_that_is_not_its_own_before_training(project, tiny_base_dir):
+    import shutil
+
+    shutil.copytree(tiny_base_dir, project / "models/base")
+    rows = make_rows(project / "img", 4)
+    (project / "rows.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    one_line_error(run_stage("train", "--non-test", "rows.json", "--output", "models/base", cwd=project),
+                   "holds an input")
+    one_line_error(run_stage("train", "--non-test", "rows.json", "--output", "img", cwd=project), "did not write")
+    assert len(list((project / "img").iterdir())) == 4 and (project / "models/base/config.json").is_file()

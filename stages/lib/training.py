@@ -457,7 +457,7 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
                                                                    max_new_tokens=budget, stats=cut_base))
         metrics.update(val_max_new_tokens=budget, val_truncated=cut.get("truncated", 0),
                        val_truncated_base=cut_base.get("truncated", 0))
-    with atomic_dir(output_dir) as tmp:
+    with atomic_dir(output_dir, inputs=[base_dir]) as tmp:
         model.save_pretrained(tmp)
         sort_adapter_config(tmp)
         processor.save_pretrained(tmp)
