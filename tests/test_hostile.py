@@ -606,3 +606,23 @@ def test_train_refuses_an_output_that_is_not_its_own_before_training(project, ti
                    "holds an input")
     one_line_error(run_stage("train", "--non-test", "rows.json", "--output", "img", cwd=project), "did not write")
     assert len(list((project / "img").iterdir())) == 4 and (project / "models/base/config.json").is_file()
+
+
+def test_ctrl_c_between_the_two_moves_puts_the_old_folder_back(tmp_path, monkeypatch):
+    from stages.lib import io
+
+    with io.atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "a.txt").write_text("old")
+    real = os.replace
+
+    def interrupted(src, dst):
+        real(src, dst)
+        if str(dst).endswith(".replaced"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(io.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with io.atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "a.txt").write_text("new")
+    assert (tmp_path / "out" / "a.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -194,6 +194,8 @@ def atomic_dir(path, inputs=()):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if not path.exists() and _aside(path).exists():   # Ctrl-C between the two moves: the old one back
+            os.replace(_aside(path), path)
 
 
 def read_split(path):
