@@ -44,6 +44,7 @@ from pathlib import Path
 from .lib import metrics as M
 from .lib import params as P
 from .lib import report
+from .lib import score_summary
 from .lib.search import analysis as S
 from .lib.cli import UserError, run_main
 from .lib.figures import new_figure, save_figure
@@ -57,7 +58,7 @@ SUMMARY = "metrics/summary.md"
 STORAGE = "sqlite:///models/search/study.db"
 STORAGE_ENV = "OCR_SEARCH_STORAGE"  # the search stage's variable (stages/lib/search/study.py)
 BEST_PARAMS = "models/search/best_params.json"
-SCORE = "metrics/score.json"
+SCORE = "metrics/score_details.json"   # every figure of the score stage (metrics/score.json: the headline ones)
 TRAIN_METRICS = "metrics/train.json"
 TRAIN_PLOTS = "plots/train"
 PARAMS = ["analyze", "search.study_name", "runs"]
@@ -198,7 +199,7 @@ def summary_markdown(score, best, counts, train, runs):
              "| scored samples |", "|---|---|---|---|---|---|---|"]
     for name, block in rows:
         if not isinstance(block, dict):
-            lines.append(f"| {name} | not scored (no figures in metrics/score.json) | | | | | |")
+            lines.append(f"| {name} | not scored (no figures in {SCORE}) | | | | | |")
             continue
         scored = block.get("scored_samples", block.get("total_samples", "n/a"))
         if block.get("failed_samples"):
@@ -209,6 +210,7 @@ def summary_markdown(score, best, counts, train, runs):
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "CER: summed edit distance / summed reference length on normalized text (may exceed 1); "
               "F1: mean per-sample bag-of-characters F1; intervals: seeded bootstrap.", ""]
+    lines += score_summary.sections(score, runs)
     lines += search_summary(best, counts)
     train_text = train_line(train)
     if train_text:

@@ -31,8 +31,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .lib import params as P
+from .lib.breakdowns import tags_of
 from .lib.cli import UserError, run_main
 from .lib.evaluation.client import sample_key   # the image (path and content hash) and the label
+from .lib.failures import FLAGS
 from .lib.images import ImageError, content_hash, load_image, png_bytes, split_ref
 from .lib.io import atomic_dir, atomic_write_text, check_replaceable, read_json
 from .lib.metrics import normalize_many
@@ -59,7 +61,7 @@ def settings(params):
 # field that reaches the page, a file name or a link has the type it should, or the file is refused.
 SHA256 = re.compile(r"[0-9a-f]{64}")
 TEXT_FIELDS = ("image_path", "label", "prediction", "error", "finish_reason")
-NUMBER_FIELDS = ("cer_score", "f1_score")
+NUMBER_FIELDS = ("cer_score", "f1_score", "confidence")
 RUN_FIGURES = ("overall_cer", "overall_f1", "scored_samples", "failed_samples", "truncated_predictions")
 
 
@@ -74,6 +76,8 @@ def check_scored(doc, path):
     for key in RUN_FIGURES:
         if doc.get(key) is not None and not is_number(doc[key]):
             raise UserError(f"{path}: '{key}' must be a number, got {str(doc[key])[:60]!r}")
+    if doc.get("confidence_source") is not None and not isinstance(doc["confidence_source"], str):
+        raise UserError(f"{path}: 'confidence_source' must be a string")
     for i, sample in enumerate(doc["samples"]):
         where = f"{path}: samples[{i}]"
         if not isinstance(sample, dict):
@@ -84,6 +88,9 @@ def check_scored(doc, path):
         for key in NUMBER_FIELDS:
             if sample.get(key) is not None and not is_number(sample[key]):
                 raise UserError(f"{where}: '{key}' must be a number, got {str(sample[key])[:60]!r}")
+        flags = sample.get("flags")   # (tags: breakdowns.tags_of keeps only strings)
+        if flags is not None and not (isinstance(flags, list) and all(isinstance(v, str) for v in flags)):
+            raise UserError(f"{where}: 'flags' must be a list of strings")
         sha = sample.get("image_sha256")
         if sha is not None and not (isinstance(sha, str) and SHA256.fullmatch(sha)):
             raise UserError(f"{where}: 'image_sha256' must be 64 lowercase hex digits, got {str(sha)[:80]!r}")
@@ -157,10 +164,29 @@ def collect(runs, docs, out_dir):
             failed = bool(r.get("error"))
             s["runs"][name] = {"p": None if failed else pred, "c": r.get("cer_score"), "f": r.get("f1_score"),
                                "r": r.get("finish_reason"), "e": str(r["error"]) if failed else None,
-                               "d": None if failed else diff_ops(s["label"], pred)}
+                               "d": None if failed else diff_ops(s["label"], pred), **flags_and_confidence(r)}
+            if tags_of(r) and "t" not in s:
+                s["t"] = tags_of(r)
     return {"runs": [{"name": run["name"], "title": run["title"], "kind": run["kind"],
-                      **{k: docs[run["name"]].get(k) for k in RUN_FIGURES}} for run in runs],
-            "samples": samples}
+                      **{k: docs[run["name"]].get(k) for k in (*RUN_FIGURES, "confidence_source")}} for run in runs],
+            "samples": samples, **filter_values(samples)}
+
+
+def flags_and_confidence(record):
+    """The scored sample's failure-mode flags ("g") and confidence ("k"), where it has them."""
+    out = {}
+    if record.get("flags"):
+        out["g"] = [str(f) for f in record["flags"]]
+    if isinstance(record.get("confidence"), (int, float)) and not isinstance(record.get("confidence"), bool):
+        out["k"] = record["confidence"]
+    return out
+
+
+def filter_values(samples):
+    """The flags and tags the page offers as filters: only those some sample has."""
+    flags = {f for s in samples for r in s["runs"].values() for f in r.get("g", ())}
+    return {"flags": [f for f in FLAGS if f in flags] + sorted(flags - set(FLAGS)),
+            "tags": sorted({t for s in samples for t in s.get("t", ())})}
 
 
 def image_sha(image_path):

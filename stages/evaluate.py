@@ -45,13 +45,14 @@ from pathlib import Path
 from .lib import params as P
 from .lib.cli import UserError, run_main
 from .lib.evaluation.engines import ENGINES as OCR_ENGINES, load_engine
+from .lib.evaluation import confidence
 from .lib.evaluation.client import ChatClient, load_previous, run_samples
 from .lib.images import ImageError, content_hash, page_count, split_ref
 from .lib.io import atomic_write_json, read_split
-from .lib.modeling import check_no_custom_code, resolve_base_dir
+from .lib.modeling import IMAGE_PARAMS, check_no_custom_code, image_settings, resolve_base_dir
 from .lib.prompt import user_turn
-from .lib.evaluation.serving import (Server, base_url, check_model_served, check_server_args, managed_server,
-                                     pick_engine, served_ids, served_models)
+from .lib.evaluation.serving import (Server, base_url, check_model_served, check_server_args, image_server_args,
+                                     managed_server, pick_engine, served_ids, served_models)
 
 ENGINES = ("auto", "transformers", "vllm", *OCR_ENGINES)
 
@@ -73,7 +74,7 @@ def top_k_arg(text):
 COMMON_KEYS = ("workers", "save_interval", "timeout", "top_k", "max_failure_rate")
 MODEL_KEYS = ("engine", "url", "replicas", "max_retries", "max_tokens", "stop", "retry_backoff", "startup_timeout",
               "server_args")
-MODEL_PARAMS = ["instruction", *(f"evaluate.{k}" for k in COMMON_KEYS + MODEL_KEYS)]
+MODEL_PARAMS = ["instruction", IMAGE_PARAMS, *(f"evaluate.{k}" for k in COMMON_KEYS + MODEL_KEYS)]
 ENGINE_PARAMS = [f"evaluate.{k}" for k in COMMON_KEYS]
 
 
@@ -122,6 +123,7 @@ def parse_args(argv):
         args.engine_settings = load_engine(args.engine).settings(params)
     else:
         args.max_tokens = max_tokens_arg(args.max_tokens, "params.yaml: 'evaluate.max_tokens'")
+        args.image = image_settings(params)   # the processor settings training used: the servers get them too
         args.stop = get("stop", list)
         if not all(isinstance(s, str) and s for s in args.stop):
             raise UserError(f"params.yaml: 'evaluate.stop' must be a list of non-empty strings, got {args.stop!r}")
@@ -188,7 +190,7 @@ def read_samples(path, top_k):
         except ImageError as err:
             raise UserError(f"{path}: row {i}: image {err}") from None
     return [{"image_path": r["image_path"], "image_sha256": r.get("image_sha256") or content_hash(r["image_path"]),
-             "label": r["ocr_text"]} for r in rows]
+             "label": r["ocr_text"], **({"tags": r["tags"]} if r.get("tags") else {})} for r in rows]
 
 
 def model_folder(path):
@@ -241,7 +243,7 @@ def model_servers(args, folder):
         return
     engine = pick_engine(args.engine)
     # vLLM balances over its own data-parallel ranks behind one URL; transformers serve is one model per process.
-    extra = list(args.server_args)
+    extra = list(args.server_args) + image_server_args(engine, args.image)
     if engine == "vllm" and args.replicas > 1 and "--data-parallel-size" not in extra:
         extra += ["--data-parallel-size", str(args.replicas)]
     count = 1 if engine == "vllm" else args.replicas
@@ -255,7 +257,7 @@ def model_servers(args, folder):
 
 
 def evaluate(args, samples, predict, identity, model_name, server_info, generation=None, stopping=None,
-             servers=()):
+             servers=(), confidence_source=None):
     """Run (resuming), write the final document, fail when too many samples failed. `generation`:
     the model's request settings (None for an engine); `servers`: managed Servers (their logs are
     kept and named when samples failed)."""
@@ -270,6 +272,7 @@ def evaluate(args, samples, predict, identity, model_name, server_info, generati
               "top_k": args.top_k}
     if generation is not None:
         header["generation"] = generation
+    header["confidence_source"] = confidence_source   # stages/lib/evaluation/confidence.py
     records, summary = run_samples(samples, predict, workers=args.workers, output_path=args.output_file,
                                    header=header, save_interval=args.save_interval, previous=previous,
                                    desc=Path(args.output_file).stem, on_interrupt=stopping)
@@ -291,7 +294,8 @@ def evaluate(args, samples, predict, identity, model_name, server_info, generati
         log = f"; the server's log: {', '.join(logs)}"
         print(f"evaluate: {failed} samples failed{log}", file=sys.stderr)
     if truncated:
-        print(f"warning: {truncated} of {len(records)} predictions were cut by max_tokens {generation['max_tokens']} "
+        limit = generation["max_tokens"] or "the server's limit"
+        print(f"warning: {truncated} of {len(records)} predictions were cut by max_tokens {limit} "
               "(finish_reason 'length'): raise evaluate.max_tokens or set it to 'auto'", file=sys.stderr)
     if status == "failed":
         common, count = Counter(r["error"] for r in records if "error" in r).most_common(1)[0]
@@ -310,9 +314,10 @@ def figure_text(doc):
 def auto_max_tokens(folder, samples, instruction):
     """evaluate.max_tokens 'auto': the longest tokenized label of the data, with a margin, capped by the
     model's context (stages/lib/modeling.generation_budget, the rule training's validation uses)."""
-    if folder is None:
-        raise UserError("evaluate.max_tokens 'auto' needs the model folder's tokenizer: with --vllm-url pass "
-                        "--max-tokens N")
+    if folder is None:   # an external server (the seed's command): no tokenizer here to measure labels with
+        print("evaluate: max_tokens auto with --vllm-url: none sent, the server's limit applies (the model's "
+              "context); answers it cuts are counted as truncated (finish_reason 'length')", file=sys.stderr)
+        return None
     from transformers import AutoTokenizer
 
     from .lib.modeling import generation_budget
@@ -338,29 +343,37 @@ def main(argv=None):
         info = engine.identity(args.engine_settings)
         predict = engine.predictor(args.engine_settings, args.timeout)
         name = " ".join([args.engine, *(f"{k}={v}" for k, v in args.engine_settings.items())])
-        evaluate(args, samples, predict, info, name, info)
+        evaluate(args, samples, predict, info, name, info, confidence_source=getattr(engine, "CONFIDENCE", None))
         return
     folder = None if args.url else model_folder(args.model_dir)
     if args.max_tokens == "auto":
         args.max_tokens = auto_max_tokens(folder, samples, args.instruction)
     with model_servers(args, folder) as servers:
         server, urls = servers[0], [s.url for s in servers]
+        logprobs = server.engine == "vllm" or confidence.serves_logprobs(server.models)
         client = ChatClient(urls, server.model_name, args.instruction, max_tokens=args.max_tokens,
                             stop=args.stop if server.accepts_stop else [], timeout=args.timeout, max_retries=args.max_retries,
-                            backoff_s=args.retry_backoff)
+                            backoff_s=args.retry_backoff, logprobs=logprobs)
         if server.engine == "external":
             identity = {"url" if len(urls) == 1 else "urls": urls[0] if len(urls) == 1 else sorted(urls),
                         "model": server.model_name, "served": served_ids(server.models)}
         else:
             identity = {"engine": server.engine, "folder": str(Path(args.model_dir)), "server_args": args.server_args,
-                        "files": folder_identity(folder)}
+                        "image": args.image, "files": folder_identity(folder)}
         info = {"engine": server.engine, "url": server.url, "urls": urls, "managed": server.engine != "external",
                 "models": server.models}
+        # The managed transformers server gives no log-probabilities: the served folder scores the
+        # predictions afterwards (teacher_forced); an external server without them gives none.
+        teacher = server.engine == "transformers" and not logprobs
+        source = confidence.SERVER_LOGPROBS if logprobs else confidence.TEACHER_FORCED if teacher else None
         try:
             evaluate(args, samples, client.predict, identity, server.model_name, info, client.generation,
-                     client.stopping.set, servers=servers if server.engine != "external" else ())
+                     client.stopping.set, servers=servers if server.engine != "external" else (),
+                     confidence_source=source)
         finally:
             client.close()
+    if teacher:
+        confidence.add_teacher_forced(args.output_file, folder, args.instruction)
 
 
 if __name__ == "__main__":

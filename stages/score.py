@@ -3,9 +3,21 @@
 One file (the original's count_score):
     python -m stages.score --input results/x.json --output results/x_norm.json
 The DVC stage (no --input): results/NAME.json of every run of params.yaml `runs` (stages/lib/runs.py)
--> scored/NAME.json, metrics/score.json (the main run's figures at the top level, the others under
-`baselines.NAME`; `truncated_predictions` counts finish_reason "length", with a warning),
-plots/score/cer_histogram.{csv,png} and plots/score/cer_by_length.{csv,png}.
+-> scored/NAME.json; metrics/score_details.json, every figure (the main run's at the top level, the
+others under `baselines.NAME`; `truncated_predictions` counts finish_reason "length", with a
+warning), with per run the scoring views (stages/lib/metrics.py VIEWS), the per-tag table and the
+confidence figures (stages/lib/breakdowns.py), and `pairs.MAIN_vs_NAME`, the paired comparison of
+the main run with each other run (stages/lib/paired.py; each main-run sample gets `paired.NAME`:
+its CER and F1 minus the other run's on the same page, null where that run has none);
+metrics/score.json, the DVC metric, only the headline figures (the main run's CER/F1 with
+intervals, the others' CER/F1, every run's failure-mode rates, every pair's differences, intervals
+and p-values); review/NAME.csv (least confident first); plots/score/cer_histogram.{csv,png},
+cer_by_length.{csv,png}, cer_by_confidence.{csv,png} and tags/NAME.png.
+
+Failure modes: every scored sample gets `flags`, the failure modes it shows, as defined (each
+one precisely) in stages/lib/failures.py: repetition, text_on_empty, chatter, markup, truncated,
+empty, script_confusion, length_ratio; the document gets `failures` (counts) and `failure_rates`
+(shares of the scored samples). A failed sample's flags are null. Both modes compute them.
 
 Input: an evaluation output {"overall_cer", "overall_f1", "total_samples", "timestamp", "model_name",
 "samples": [{"image_path", "label", "prediction", "cer_score", "f1_score", ...}], ...}.
@@ -28,6 +40,8 @@ from pathlib import Path
 
 import orjson
 
+from .lib import breakdowns as B
+from .lib import failures
 from .lib import metrics as M
 from .lib import params as P
 from .lib.cli import UserError, run_main
@@ -35,6 +49,8 @@ from .lib.io import atomic_dir, atomic_write_bytes, atomic_write_text, clean_sur
 from .lib.runs import RAW_DIR, SCORED_DIR, load_runs, raw_path, scored_path
 
 METRICS = "metrics/score.json"
+DETAILS = "metrics/score_details.json"
+REVIEW_DIR = "review"
 PLOT_DIR = "plots/score"
 PARAMS = ["score", "runs"]
 CER_BINS = [i / 10 for i in range(11)]  # [0, 0.1), ..., [0.9, 1.0), then [1.0, inf)
@@ -115,18 +131,24 @@ def score_document(doc, path, bootstrap_samples, seed):
     scored, failed, labels, predictions = read_samples(samples, path)
     if not labels:
         raise UserError(f"{path}: no sample to score ({len(samples)} samples, all failed or none)")
-    scores = M.score_pairs(M.normalize_many(labels), M.normalize_many(predictions))
+    norm_labels, norm_preds = M.normalize_many(labels), M.normalize_many(predictions)
+    scores = M.score_pairs(norm_labels, norm_preds)
+    flags, counts = failures.flag_samples(labels, predictions, norm_labels, norm_preds, scores,
+                                          [s.get("finish_reason") for s in scored])
     summary = {"total_samples": len(samples), "scored_samples": len(labels),
-               "failed_samples": len(failed), "truncated_predictions": truncated_count(scored),
-               **M.summarize(scores, bootstrap_samples, seed)}
+               "failed_samples": len(failed), "truncated_predictions": counts["truncated"],
+               **M.summarize(scores, bootstrap_samples, seed),
+               "failures": counts, "failure_rates": {name: count / len(labels) for name, count in counts.items()}}
 
     # Scored samples first, then failed ones: the order of the keys within each sample is what
     # counts (raw_* are added first), and it is the same either way.
-    rescored = itertools.chain(zip(scored, scores["cer"].tolist(), scores["f1"].tolist()),
-                               zip(failed, itertools.repeat(None), itertools.repeat(None)))
-    for sample, cer, f1 in rescored:
+    rescored = itertools.chain(zip(scored, scores["cer"].tolist(), scores["f1"].tolist(), flags),
+                               zip(failed, *itertools.repeat(itertools.repeat(None), 3)))
+    for sample, cer, f1, sample_flags in rescored:
         sample["raw_cer_score"], sample["raw_f1_score"] = sample.get("cer_score"), sample.get("f1_score")
-        sample["cer_score"], sample["f1_score"] = cer, f1
+        sample["cer_score"], sample["f1_score"], sample["flags"] = cer, f1, sample_flags
+    scores.update(samples=scored, labels=labels, predictions=predictions, norm_labels=norm_labels,
+                  norm_preds=norm_preds)
 
     out = {key: value for key, value in doc.items() if key != "samples"}
     out["raw_overall_cer"], out["raw_overall_f1"] = doc.get("overall_cer"), doc.get("overall_f1")
@@ -135,12 +157,6 @@ def score_document(doc, path, bootstrap_samples, seed):
                       "bootstrap_samples": bootstrap_samples, "bootstrap_seed": seed}
     out["samples"] = samples
     return out, summary, scores
-
-
-def truncated_count(samples):
-    """Predictions cut by the token limit (finish_reason "length"): scored, but not the model's whole
-    answer; the stage warns when there are any (raise evaluate.max_tokens, or leave it 'auto')."""
-    return sum(1 for s in samples if s.get("finish_reason") == "length")
 
 
 def write_json(path, obj):
@@ -230,7 +246,7 @@ def draw_bars(categories, series, xlabel, ylabel, title, path):
 
 def metrics_block(summary):
     """Figures as they go to metrics/score.json (floats rounded for readable `dvc metrics diff`)."""
-    return {k: round(v, 6) if isinstance(v, float) else v for k, v in summary.items()}
+    return rounded(summary)
 
 
 def score_one(args):
@@ -246,6 +262,7 @@ def score_stage(args, runs):
     for run in runs:
         path = raw_path(run, args.results_dir)
         scored[run] = score_document(load_evaluation(path), path, args.bootstrap_samples, args.seed)
+    details = stage_details(args, scored)
     with atomic_dir(args.scored_dir, inputs=[args.results_dir]) as tmp:
         for run, (out, summary, _) in scored.items():
             write_json(Path(tmp) / f"{run}.json", out)
@@ -254,12 +271,116 @@ def score_stage(args, runs):
                 print(f"warning: {run}: {summary['truncated_predictions']} of {summary['scored_samples']} predictions "
                       "were cut by the token limit (finish_reason 'length'): raise evaluate.max_tokens or set it to "
                       "'auto'", file=sys.stderr)
+    with atomic_dir(args.review_dir) as tmp:
+        for run, (_, _, scores) in scored.items():
+            order = details["runs"][run].pop("review_order")
+            if order:
+                atomic_write_text(Path(tmp) / f"{run}.csv", B.review_csv(scores["samples"], scores, order))
     main_run, *baselines = runs
-    metrics = metrics_block(scored[main_run][1])
-    metrics["baselines"] = {run: metrics_block(scored[run][1]) for run in baselines}
-    write_json(args.metrics, metrics)
+    write_json(args.details, details_document(details, scored, main_run, baselines))
+    write_json(args.metrics, headline(details, scored, main_run, baselines))
     write_plots({run: scores for run, (_, _, scores) in scored.items()}, args.plots_dir)
-    print(f"score: figures -> {args.metrics}, {args.plots_dir}/")
+    write_breakdown_plots(details, args.plots_dir)
+    print(f"score: figures -> {args.metrics}, {args.details}, {args.plots_dir}/, {args.review_dir}/")
+
+
+def stage_details(args, scored):
+    """Per run: scoring views, tags, confidence; per pair (main run vs each other run): the paired
+    comparison, whose per-sample differences go into the main run's samples (`paired`)."""
+    runs = {}
+    for run, (out, _, scores) in scored.items():
+        samples = scores["samples"]
+        confidence, order = B.confidence_figures(samples, scores)
+        runs[run] = {"views": M.view_figures(scores["labels"], scores["predictions"], scores["norm_labels"],
+                                             scores["norm_preds"]),
+                     "tags": B.tag_table(samples, scores, args.failure_f1, args.bootstrap_samples, args.seed),
+                     "failure_f1": args.failure_f1,
+                     "failure_rate": float((scores["f1"] <= args.failure_f1).mean()),
+                     "confidence_source": out.get("confidence_source"),
+                     "confidence": confidence, "review_order": order}
+    main_run, *others = scored
+    main_scores = scored[main_run][2]
+    pairs = {}
+    for other in others:
+        figures, diffs = B.compare_runs(main_scores["samples"], main_scores, scored[other][2]["samples"],
+                                        scored[other][2], args.bootstrap_samples, args.seed)
+        pairs[f"{main_run}_vs_{other}"] = figures
+        for i, sample in enumerate(main_scores["samples"]):
+            cer_diff, f1_diff = diffs.get(i, (None, None))
+            sample.setdefault("paired", {})[other] = {"cer_diff": cer_diff, "f1_diff": f1_diff}
+    return {"runs": runs, "pairs": pairs}
+
+
+def details_document(details, scored, main_run, baselines):
+    """metrics/score_details.json: every figure, in the shape metrics/score.json used to have (the
+    main run's figures at the top level, the others under baselines.NAME), plus `pairs`."""
+    block = lambda run: {**metrics_block(scored[run][1]), **rounded(details["runs"][run])}  # noqa: E731
+    return {**block(main_run), "baselines": {run: block(run) for run in baselines},
+            "pairs": rounded(details["pairs"])}
+
+
+HEADLINE_KEYS = ("overall_cer", "overall_cer_ci95_low", "overall_cer_ci95_high",
+                 "overall_f1", "overall_f1_ci95_low", "overall_f1_ci95_high")
+PAIR_KEYS = ("cer_diff", "cer_diff_ci95_low", "cer_diff_ci95_high", "cer_p",
+             "f1_diff", "f1_diff_ci95_low", "f1_diff_ci95_high", "f1_p")
+
+
+def headline(details, scored, main_run, baselines):
+    """metrics/score.json, the DVC metric: the figures a user compares across experiments only."""
+    def block(run, keys):
+        summary = metrics_block(scored[run][1])
+        return {**{k: summary[k] for k in keys if k in summary}, "failure_rates": summary["failure_rates"]}
+
+    return {**block(main_run, HEADLINE_KEYS),
+            "baselines": {run: block(run, ("overall_cer", "overall_f1")) for run in baselines},
+            "pairs": {name: {k: v for k, v in rounded(pair).items() if k in PAIR_KEYS}
+                      for name, pair in details["pairs"].items()}}
+
+
+def rounded(obj):
+    """Floats rounded to 6 places, all the way down (readable `dvc metrics diff`)."""
+    if isinstance(obj, float):
+        return round(obj, 6)
+    if isinstance(obj, dict):
+        return {k: rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [rounded(v) for v in obj]
+    return obj
+
+
+def write_breakdown_plots(details, plot_dir):
+    """plots/score/tags/NAME.png (per tag: CER and failure rate) and plots/score/cer_by_confidence.{csv,png}."""
+    from .lib.figures import new_figure, save_figure
+
+    plot_dir = Path(plot_dir)
+    with atomic_dir(plot_dir / "tags") as tmp:
+        for run, figures in details["runs"].items():
+            if figures["tags"]:
+                tags = list(figures["tags"])
+                draw_bars(tags, {"corpus CER": [figures["tags"][t]["overall_cer"] for t in tags],
+                                 f"failure rate (F1 <= {figures['failure_f1']:g})":
+                                 [figures["tags"][t]["failure_rate"] for t in tags]},
+                          "tag", "share", f"{run}: CER and failure rate per tag", Path(tmp) / f"{run}.png")
+    rows = [[run, d["decile"], d["samples"], round(d["confidence_low"], 6), round(d["confidence_high"], 6),
+             round(d["cer"], 6)]
+            for run, figures in details["runs"].items() if figures["confidence"]
+            for d in figures["confidence"]["deciles"]]
+    atomic_write_text(plot_dir / "cer_by_confidence.csv",
+                      to_csv(["run", "decile", "samples", "confidence_low", "confidence_high", "cer"], rows))
+    fig, ax = new_figure(7, 4.5)
+    for run, figures in details["runs"].items():
+        if figures["confidence"]:
+            deciles = figures["confidence"]["deciles"]
+            ax.plot([d["decile"] for d in deciles], [d["cer"] for d in deciles], marker="o",
+                    label=f"{run} ({figures['confidence_source']})")
+    ax.set_xlabel("confidence decile (1 = least confident)")
+    ax.set_ylabel("CER (normalized)")
+    ax.set_title("CER by confidence decile")
+    if rows:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no run recorded a confidence", ha="center", va="center", transform=ax.transAxes)
+    save_figure(fig, plot_dir / "cer_by_confidence.png")
 
 
 def parse_args(argv):
@@ -270,6 +391,8 @@ def parse_args(argv):
     parser.add_argument("--scored-dir", default=SCORED_DIR, help="stage mode: where scored NAME.json are written")
     parser.add_argument("--metrics", default=METRICS, help="stage mode: the DVC metrics file")
     parser.add_argument("--plots-dir", default=PLOT_DIR, help="stage mode: the plot data folder")
+    parser.add_argument("--details", default=DETAILS, help="stage mode: every figure (the metrics file has the headline ones)")
+    parser.add_argument("--review-dir", default=REVIEW_DIR, help="stage mode: review lists NAME.csv, least confident first")
     parser.add_argument("--bootstrap-samples", type=int, help="resamples for the 95%% intervals, 0 for none "
                         "(default params.yaml score.bootstrap_samples)")
     parser.add_argument("--seed", type=int, help="bootstrap seed (default params.yaml score.seed)")
@@ -281,6 +404,7 @@ def parse_args(argv):
         params = P.load_params(PARAMS)
         if not args.input:
             args.runs = [run["name"] for run in load_runs(params)]   # the first is the main run
+            args.failure_f1 = P.get(params, "score.failure_f1", float, minimum=0.0, maximum=1.0)
         if args.bootstrap_samples is None:
             args.bootstrap_samples = P.get(params, "score.bootstrap_samples", int, minimum=0)
         if args.seed is None:

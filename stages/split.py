@@ -5,7 +5,9 @@ Seeded and byte-for-byte reproducible. `test_ratio` is a float (default 5/6, the
 all pages of one document (one folder) land on the same side; the pages of one PDF or one
 multi-page TIFF always do.
 
-Raw rows ([{"img_path", "ocr_results"}], paths relative to the project root or absolute):
+Raw rows ([{"img_path", "ocr_results"}], paths relative to the project root or absolute; a row may
+carry `tags`, a list of strings such as ["table", "seal"], or the original's `focus_layout`; every
+output row, evaluation result and scored sample carries them as `tags`):
   {"img_path": "scans/a.png", "ocr_results": "text"}          one image (PNG, JPEG, TIFF, BMP, ...)
   {"img_path": "scans/doc.pdf#page=2", "ocr_results": "..."}   one page of a PDF or multi-page TIFF (1-based)
   {"img_path": "scans/doc.pdf", "ocr_results": ["p1", "p2"]}   a whole PDF / multi-page TIFF: one text per page
@@ -60,6 +62,7 @@ def read_raw(path, empty_text, pdf_dpi=200, pages_dir=None, pages_name=None):
         if not (isinstance(texts, str) or (isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts))):
             raise UserError(f"{where}: field 'ocr_results' must be a string (or, for a whole PDF/TIFF, a list of "
                             f"page texts), got {type(texts).__name__}")
+        tags = row_tags(row, where)
         for ref, text in expand_pages(canonical_ref(row["img_path"], where), texts, where):
             same = image_identity(ref)   # one image under two spellings (a/../b, a link) is one image
             if same in seen:
@@ -75,10 +78,10 @@ def read_raw(path, empty_text, pdf_dpi=200, pages_dir=None, pages_name=None):
                 rendered = render_pdf_page(ref, pdf_dpi, pages_dir, where)
                 counts["pdf_pages"] += 1
                 out.append({"image_path": str(Path(pages_name) / rendered.name), "ocr_text": text, "source": ref,
-                            "image_sha256": content_hash(rendered)})
+                            "image_sha256": content_hash(rendered), **tags})
             else:
                 check_image(ref, where, checked)
-                out.append({"image_path": ref, "ocr_text": text, "image_sha256": content_hash(ref)})
+                out.append({"image_path": ref, "ocr_text": text, "image_sha256": content_hash(ref), **tags})
     return out, counts
 
 
@@ -97,6 +100,19 @@ def image_identity(ref):
     """What makes two references the same image: the real file (links resolved) and the page."""
     path, page = split_ref(ref)
     return os.path.realpath(path), page
+
+
+def row_tags(row, where):
+    """{"tags": [...]} of a raw row (its `tags` list, or the original's `focus_layout`, a string or
+    a list), {} when it has none. Every result and the score stage's per-tag table carry them."""
+    field = "tags" if "tags" in row else "focus_layout" if "focus_layout" in row else None
+    if field is None:
+        return {}
+    value = row[field]
+    tags = [value] if isinstance(value, str) else value
+    if not isinstance(tags, list) or not all(isinstance(t, str) and t.strip() for t in tags):
+        raise UserError(f"{where}: field '{field}' must be a non-empty string or a list of them, got {value!r}")
+    return {"tags": list(dict.fromkeys(t.strip() for t in tags))} if tags else {}
 
 
 def is_pdf(ref):

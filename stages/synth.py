@@ -1,9 +1,10 @@
 """synth: render the embedded default dataset (receipt-like Traditional Chinese lines).
 
-Writes data/synthetic/ocr.json ([{"img_path", "ocr_results"}], the original scripts' raw
-format) and the PNGs under data/synthetic/images/doc_NNN/. Same params + same fonts give
-byte-identical files. A folder of its own, where nobody puts their files: this stage replaces it
-whole. Replace it with your own data (data/raw_data/, params.yaml split.data): see the README.
+Writes data/synthetic/ocr.json ([{"img_path", "ocr_results", "tags"}], the original scripts' raw
+format plus the kind of line as its tag: date, amount, invoice, address, item) and the PNGs under
+data/synthetic/images/doc_NNN/. Same params + same fonts give byte-identical files. A folder of its
+own, where nobody puts their files: this stage replaces it whole. Replace it with your own data
+(data/raw_data/, params.yaml split.data): see the README.
 """
 import argparse
 import random
@@ -13,7 +14,7 @@ from tqdm import tqdm
 from .lib import params as P
 from .lib.cli import run_main
 from .lib.io import atomic_dir, atomic_write_json
-from .lib.synthetic import random_line, render_line
+from .lib.synthetic import render_line, tagged_line
 
 OUT_DIR = "data/synthetic"
 PARAMS = ["synth"]
@@ -37,12 +38,12 @@ def main(argv=None):
     with atomic_dir(args.output_dir) as tmp:
         for i in tqdm(range(n_lines), desc="synth", unit="line"):
             rng = random.Random(f"{seed}-{i}")  # one stream per line: stable under n_lines changes
-            text = random_line(rng)
+            text, kind = tagged_line(rng)   # the same draws as before: same text, same images
             image = render_line(text, rng.choice(fonts), rng.choice(sizes), image_size, rng, noise)
             rel = f"images/doc_{i // per_doc:04d}/line_{i % per_doc:03d}.png"
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             image.save(tmp / rel, format="PNG")
-            rows.append({"img_path": f"{args.output_dir}/{rel}", "ocr_results": text})
+            rows.append({"img_path": f"{args.output_dir}/{rel}", "ocr_results": text, "tags": [kind]})
         atomic_write_json(tmp / "ocr.json", rows, indent=1)
     print(f"synth: wrote {len(rows)} lines to {args.output_dir}/ocr.json")
 

@@ -132,7 +132,22 @@ def project(tmp_path_factory):
                                     "overall_f1": 0.2, "total_samples": 30},
                            "tesseract": {"overall_cer": 0.0456, "overall_f1": 0.95, "total_samples": 30,
                                          "truncated_predictions": 2}}}
-    (root / "metrics/score.json").write_text(json.dumps(score))
+    score["pairs"] = {"finetuned_vs_base": {"pairs": 30, "cer_diff": -0.8642, "cer_diff_ci95_low": -0.91,
+                                            "cer_diff_ci95_high": -0.8, "cer_p": 0.000999, "f1_diff": 0.6765,
+                                            "f1_diff_ci95_low": 0.6, "f1_diff_ci95_high": 0.7, "f1_p": 0.0312,
+                                            "better": 25, "worse": 2, "equal": 3}}
+    score["failures"] = {"repetition": 2, "script_confusion": 1}
+    score["failure_rates"] = {"repetition": 2 / 30, "script_confusion": 1 / 30}
+    score["views"] = {"strict": {"cer": 0.2, "distance": 60, "label_length": 300},
+                      "no_punctuation": {"cer": 0.15, "distance": 36, "label_length": 240},
+                      "normalized": {"cer": 0.1234, "distance": 30, "label_length": 240},
+                      "script_folded": {"cer": 0.1, "distance": 24, "label_length": 240}}
+    score["tags"] = {"amount": {"samples": 12, "overall_cer": 0.2, "overall_cer_ci95_low": 0.1,
+                                "overall_cer_ci95_high": 0.3, "overall_f1": 0.8, "macro_cer": 0.25, "failure_rate": 0.25}}
+    score["failure_f1"] = 0.6
+    score["confidence_source"] = "teacher_forced"
+    score["confidence"] = {"samples_with_confidence": 30, "caught_at_5": 0.21, "caught_at_10": 0.4, "caught_at_20": 0.62}
+    (root / "metrics/score_details.json").write_text(json.dumps(score))
     (root / "metrics/train.json").write_text(json.dumps({"train_loss": 0.51, "eval_loss": 0.62, "best_step": 150,
                                                           "global_step": 200, "val_cer": 0.031, "val_cer_base": 0.7}))
     write_loss_curves(root / "plots/train")
@@ -200,6 +215,15 @@ def test_summary_table(project, stage_run):
     assert "12 trials (" in summary and "1 failed)" in summary
     assert ("Final training: train loss 0.51, eval loss 0.62 (best checkpoint, step 150 of 200), "
             "validation CER 0.0310 (base 0.7000).") in summary
+    # the score stage's details (metrics/score_details.json): one line per pair, then a table each
+    assert ("- fine-tuned vs base (no fine-tuning): CER -0.8642 [-0.9100, -0.8000], p < 0.001; "
+            "F1 +0.6765 [+0.6000, +0.7000], p = 0.031; better on 25 / worse on 2 / equal on 3 of 30 pages") in lines
+    failures = next(line for line in lines if line.startswith("| fine-tuned | 0.067 (2)"))
+    assert failures.count("|") == 10 and "| 0.033 (1) |" in failures
+    assert "| script folded | 0.1000 | 24 | 0.400 |" in lines and "| strict | 0.2000 | 60 | 1.000 |" in lines
+    assert "| amount | 12 | 0.2000 [0.1000, 0.3000] | 0.8000 | 0.2500 | 0.250 |" in lines
+    assert "| fine-tuned | teacher_forced | 30 | 0.210 | 0.400 | 0.620 | `review/finetuned.csv` |" in lines
+    assert "| Tesseract | none recorded | | | | | |" in lines
 
 
 def test_error_analysis_counts(project, stage_run):

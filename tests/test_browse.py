@@ -76,8 +76,14 @@ def project(tmp_path_factory):
                 sample.update(prediction=text[:3], finish_reason="length")
             if name == "tesseract" and i == 7:
                 sample["prediction"] = ""
+            if name == "base" and i == 9:
+                sample["prediction"] = f"**{text}**"   # markup the label lacks: a failure-mode flag
+            sample["tags"] = ["odd" if i % 2 else "even", *(["<b>x</b>"] if i == 4 else [])]
+            if name == "tesseract":
+                sample["confidence"] = (i * 7) % 11 / 10   # a few ties: input order breaks them
             samples.append(sample)
-        (root / "results" / f"{name}.json").write_text(json.dumps({"samples": samples}, ensure_ascii=False))
+        doc = {"samples": samples, **({"confidence_source": "tesseract_words"} if name == "tesseract" else {})}
+        (root / "results" / f"{name}.json").write_text(json.dumps(doc, ensure_ascii=False))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     for stage in ("score", "browse"):
         done = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=root, env=env, capture_output=True,
@@ -158,6 +164,19 @@ def test_sorting_and_the_worse_after_fine_tuning_filter(project):
     assert render(project, "filter=truncated").rows == [5]
     assert 7 in render(project, "filter=empty").rows
     assert render(project, "q=號7段5路").rows == [29]
+
+
+def test_failure_mode_and_tag_filters_and_the_confidence_sort(project):
+    data = json.loads((project / "browse/data.js").read_text(encoding="utf-8").split("=", 1)[1].rstrip().rstrip(";"))
+    assert data["tags"] == ["<b>x</b>", "even", "odd"] and "markup" in data["flags"]
+    markup = data["flags"].index("markup")
+    assert render(project, f"filter=flag{markup}").rows == [9]
+    assert render(project, "filter=tag2").rows == list(range(1, 30, 2))
+    page = render(project, "filter=tag0")   # a tag holding markup is a filter like any other, shown as text
+    assert page.rows == [4]
+    tess = scored(project, "tesseract")
+    order = sorted(range(len(tess)), key=lambda i: (tess[i]["confidence"], i))
+    assert render(project, "sort=conf:tesseract:asc").rows == order
 
 
 def test_side_by_side_shows_two_runs_of_one_sample(project):

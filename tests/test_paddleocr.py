@@ -113,9 +113,12 @@ def test_join_lines_groups_boxes_by_vertical_centre():
 
 def test_rendered_lines_are_read(predict, tmp_path):
     rows = make_rows(tmp_path, 6, seed=3)
-    predictions = [predict({"image_path": r["image_path"], "label": r["ocr_text"]})["prediction"] for r in rows]
+    outcomes = [predict({"image_path": r["image_path"], "label": r["ocr_text"]}) for r in rows]
+    predictions = [o["prediction"] for o in outcomes]
     refs = [metrics.normalize(r["ocr_text"]) for r in rows]
     assert metrics.corpus_cer(refs, [metrics.normalize(p) for p in predictions]) < 0.15
+    # the recognition scores, averaged per page (stages/lib/evaluation/confidence.py paddleocr_scores)
+    assert paddleocr.CONFIDENCE == "paddleocr_scores" and all(0.5 < o["confidence"] <= 1 for o in outcomes)
 
 
 def test_two_line_image_gives_two_lines_in_order(predict, tmp_path):
@@ -133,7 +136,8 @@ def test_two_line_image_gives_two_lines_in_order(predict, tmp_path):
 def test_blank_image_gives_empty_text(predict, tmp_path):
     path = tmp_path / "blank.png"
     Image.new("RGB", (128, 128), "white").save(path)
-    assert predict({"image_path": str(path), "label": ""})["prediction"] == ""
+    blank = predict({"image_path": str(path), "label": ""})
+    assert blank["prediction"] == "" and blank["confidence"] is None   # no box, no score
 
 
 def test_transparent_png_reads_like_its_white_version(predict, tmp_path):

@@ -166,15 +166,32 @@ def test_stage_mode_writes_every_dvc_output(tmp_path, monkeypatch, capsys):
     score.main(["--bootstrap-samples", "100", "--seed", "0"])
 
     declared = [next(iter(m)) for m in stage["metrics"]] + [next(iter(p)) for p in stage["plots"]]
-    assert all((tmp_path / path).is_file() for path in declared), declared
-    assert stage["outs"] == ["scored"] and "results" in stage["deps"]
+    assert all((tmp_path / path).exists() for path in declared), declared
+    outs = [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
+    assert outs == ["scored", "metrics/score_details.json", "review"] and "results" in stage["deps"]
+    assert all((tmp_path / path).exists() for path in outs)
     assert sorted(p.name for p in (tmp_path / "scored").iterdir() if p.name != MARKER) == sorted(f"{r}.json" for r in RUNS)
     warned = capsys.readouterr().err
     assert "warning: base: 3 of 3 predictions were cut by the token limit" in warned and "finetuned:" not in warned
 
-    metrics = json.loads((tmp_path / "metrics/score.json").read_text(encoding="utf-8"))
-    assert metrics["overall_cer"] == pytest.approx(round(3 / 13, 6))              # the fine-tuned model
+    headline = json.loads((tmp_path / "metrics/score.json").read_text(encoding="utf-8"))
+    assert set(headline) == {*score.HEADLINE_KEYS, "failure_rates", "baselines", "pairs"}   # lean: dvc exp show
+    assert set(headline["baselines"]["base"]) == {"overall_cer", "overall_f1", "failure_rates"}
+    assert headline["baselines"]["base"]["failure_rates"]["truncated"] == 1.0
+    assert set(headline["pairs"]) == {"finetuned_vs_base", "finetuned_vs_tesseract"}
+    assert set(headline["pairs"]["finetuned_vs_base"]) == set(score.PAIR_KEYS)
+    metrics = json.loads((tmp_path / "metrics/score_details.json").read_text(encoding="utf-8"))
+    assert metrics["overall_cer"] == headline["overall_cer"] == pytest.approx(round(3 / 13, 6))  # the fine-tuned model
     assert metrics["failed_samples"] == 1
+    # fine-tuned (3 / 13) vs Tesseract (exact on all 3 scored pages): worse on the 2 pages it misreads
+    pair = metrics["pairs"]["finetuned_vs_tesseract"]
+    assert (pair["pairs"], pair["better"], pair["worse"], pair["equal"]) == (3, 0, 2, 1)
+    assert pair["cer_diff"] == pytest.approx(round(3 / 13, 6))
+    assert set(metrics["views"]) == {"strict", "no_punctuation", "normalized", "script_folded"}
+    # strict: a 7 (width + space), b 3 (，界。), d 2 over 7 + 6 + 3; without punctuation and spaces:
+    # a 6 (width), b 1, d 2 over 6 + 4 + 3; normalized and script-folded: 0 + 1 + 2 over 13
+    views = {view: (v["distance"], v["label_length"]) for view, v in metrics["views"].items()}
+    assert views == {"strict": (12, 16), "no_punctuation": (9, 13), "normalized": (3, 13), "script_folded": (3, 13)}
     assert metrics["baselines"]["tesseract"]["overall_cer"] == 0.0
     assert metrics["baselines"]["tesseract"]["exact_match"] == 1.0
     assert metrics["baselines"]["base"]["overall_f1"] == 0.0

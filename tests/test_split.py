@@ -62,6 +62,7 @@ BAD_INPUTS = {
                   "row 1: duplicate img_path"),
     "empty_text": ([{"img_path": "IMG0", "ocr_results": " "}, {"img_path": "IMG1", "ocr_results": "b"}],
                    "row 0: empty ocr_results"),
+    "bad_tags": ([{"img_path": "IMG0", "ocr_results": "a", "tags": ["table", 3]}], "row 0: field 'tags' must be"),
 }
 
 
@@ -264,3 +265,16 @@ def test_label_length_histogram_counts_long_labels(project):
     csv_rows = (project / "plots/label_lengths.csv").read_text().splitlines()
     assert any(line.endswith(",381,1") for line in csv_rows)
     assert (project / "plots/label_lengths.png").stat().st_size > 0
+
+
+def test_tags_and_focus_layout_travel_into_every_row(project):
+    rows = raw_rows(project, 6)
+    rows[0]["tags"] = ["table", "seal", "table"]
+    rows[1]["focus_layout"] = "text"
+    raw = write_raw(project, rows)
+    assert split(project, raw, "--test-ratio", "0.5", "--group-by", "none").returncode == 0
+    out = [r for name in ("ocr_test.json", "ocr_non_test.json")
+           for r in json.loads((project / "out" / name).read_text(encoding="utf-8"))]
+    tags = {r["image_path"]: r.get("tags") for r in out}
+    assert tags[rows[0]["img_path"]] == ["table", "seal"] and tags[rows[1]["img_path"]] == ["text"]
+    assert sum(t is None for t in tags.values()) == 4

@@ -441,3 +441,60 @@ def _resample_counts(rng, n, group_sizes, resamples, max_cells=4_000_000):
     chunks = [rng.multinomial(n, probabilities, size=min(rows, resamples - start))
               for start in range(0, resamples, rows)]
     return np.concatenate(chunks)
+
+
+# ---------------------------------------------------------------- scoring views
+
+# The views of one run side by side (score stage, stage mode), from the least to the most folded:
+#   strict          NFC only (every space, punctuation mark, width and script difference counts)
+#   no_punctuation  NFC, whitespace and punctuation removed as in normalize(), no width folding
+#   normalized      normalize(): the default figure
+#   script_folded   normalize(), then OpenCC `tw2s` (Traditional -> Simplified, Taiwan variants
+#                   included) on both sides: a Simplified 税 for 稅 is no longer an error
+# Each view's CER is its summed distance / its summed label length; the differences between
+# neighbouring views say roughly how much of the errors is punctuation and spaces, width, script.
+VIEWS = ("strict", "no_punctuation", "normalized", "script_folded")
+
+
+@functools.cache
+def no_punctuation_table():
+    return [None if is_removed(chr(code)) else code for code in range(TABLE_SIZE)]
+
+
+def script_fold_many(normalized_texts, block=2048):
+    """OpenCC tw2s of normalized texts, a block at a time joined by newlines (a normalized text
+    holds none, and OpenCC keeps them): one call per block instead of one per text."""
+    import opencc
+
+    converter = opencc.OpenCC("tw2s")
+    out = []
+    for start in range(0, len(normalized_texts), block):
+        part = normalized_texts[start:start + block]
+        folded = converter.convert("\n".join(part)).split("\n")
+        out += folded if len(folded) == len(part) else [converter.convert(t) for t in part]
+    return out
+
+
+def view_texts(view, raw_texts, normalized_texts):
+    """The texts as `view` sees them (VIEWS), given the raw and the normalize()d texts."""
+    if view == "strict":
+        return [nfc(t) for t in raw_texts]
+    if view == "no_punctuation":
+        table = no_punctuation_table()
+        return [nfc(t).translate(table) for t in raw_texts]
+    if view == "normalized":
+        return normalized_texts
+    if view == "script_folded":
+        return script_fold_many(normalized_texts)
+    raise ValueError(f"unknown view {view!r}")
+
+
+def view_figures(labels, predictions, norm_labels, norm_preds):
+    """{view: {"cer", "distance", "label_length"}} of one run's scored pairs (corpus CER per view)."""
+    figures = {}
+    for view in VIEWS:
+        refs, preds = view_texts(view, labels, norm_labels), view_texts(view, predictions, norm_preds)
+        distance = sum(map(Levenshtein.distance, refs, preds))
+        ref_len = sum(map(len, refs))
+        figures[view] = {"cer": cer_value(distance, ref_len), "distance": distance, "label_length": ref_len}
+    return figures

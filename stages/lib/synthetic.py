@@ -74,10 +74,17 @@ GENERATORS = [_date, _amount, _invoice, _address, _item]
 
 def random_line(rng):
     """One receipt-like line of 1..MAX_CHARS characters."""
+    return tagged_line(rng)[0]
+
+
+def tagged_line(rng):
+    """(one receipt-like line of 1..MAX_CHARS characters, the kind of line: date, amount, invoice,
+    address or item), the kind being its tag in the raw data (the score stage reports per tag)."""
     while True:
-        text = rng.choice(GENERATORS)(rng)
+        generator = rng.choice(GENERATORS)
+        text = generator(rng)
         if 0 < len(text) <= MAX_CHARS:
-            return text
+            return text, generator.__name__.lstrip("_")
 
 
 def charset():

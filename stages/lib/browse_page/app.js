@@ -18,12 +18,24 @@ const FILTERS = {
   truncated: ["a truncated prediction (any run)", s => Object.values(s.runs).some(r => r.r === "length")],
 };
 
+// Failure-mode flags and tags (stages/lib/failures.py, breakdowns.py): keys by position, so that
+// no value of the data ever lands in an attribute or the URL unescaped.
+(DATA.flags || []).forEach((f, i) => {
+  FILTERS[`flag${i}`] = [`failure mode: ${f.replace(/_/g, " ")} (any run)`, s => Object.values(s.runs).some(r => (r.g || []).includes(f))];
+});
+(DATA.tags || []).forEach((t, i) => { FILTERS[`tag${i}`] = [`tag: ${t}`, s => (s.t || []).includes(t)]; });
+
 const state = {q: "", filter: "all", sort: "order", a: DATA.before, b: DATA.main, compare: false, pos: 0};
 let list = [];   // the samples shown: filtered, then sorted
 
 function cer(s, run) {
   const r = s.runs[run];
   return r && typeof r.c === "number" ? r.c : null;
+}
+
+function confidence(s, run) {   // NaN when the run recorded none for this sample
+  const r = s.runs[run];
+  return r && typeof r.k === "number" ? r.k : NaN;
 }
 
 function cmp(s, a, b) {   // CER(a) - CER(b), or NaN when either is missing
@@ -60,10 +72,13 @@ function prediction(s, run) {
   if (!r) return '<div class="muted">not evaluated by this run</div>';
   if (r.e) return `<div class="text muted">no prediction</div><div class="figs"><span class="tag failed">failed</span> ${esc(r.e)}</div>`;
   const tags = (r.p === "" ? '<span class="tag empty">empty</span>' : "") +
-               (r.r === "length" ? '<span class="tag truncated" title="cut by max_tokens">truncated</span>' : "");
+               (r.r === "length" ? '<span class="tag truncated" title="cut by max_tokens">truncated</span>' : "") +
+               (r.g || []).filter(f => f !== "empty" && f !== "truncated")
+                 .map(f => `<span class="tag flag" title="failure mode">${esc(f.replace(/_/g, " "))}</span>`).join("");
+  const conf = typeof r.k === "number" ? ` · confidence <span class="conf">${esc(r.k.toFixed(3))}</span>` : "";
   return `<div class="text">${diffHTML(s.label, r.p, r.d)}</div>` +
          `<div class="figs">CER <span class="cer" data-run="${esc(run)}" data-value="${esc(r.c)}">${fmt(r.c)}</span>` +
-         ` · F1 <span class="f1" data-run="${esc(run)}" data-value="${esc(r.f)}">${fmt(r.f)}</span>${tags}</div>`;
+         ` · F1 <span class="f1" data-run="${esc(run)}" data-value="${esc(r.f)}">${fmt(r.f)}</span>${conf}${tags}</div>`;
 }
 
 function image(s) {
@@ -93,6 +108,7 @@ function sortKey() {   // a function sample -> number (missing: NaN, always last
   const [kind, run, dir] = state.sort.split(":");
   if (kind === "cer" && run in TITLE) return [s => { const c = cer(s, run); return c === null ? NaN : c; }, dir];
   if (kind === "diff") return [s => cmp(s, state.a, state.b), run];   // diff:desc / diff:asc
+  if (kind === "conf" && run in TITLE) return [s => confidence(s, run), dir];
   return [s => s.i, "asc"];
 }
 
@@ -168,7 +184,9 @@ function fillControls() {
   $("sort").innerHTML = '<option value="order">input order</option>' +
     RUNS.map(r => `<option value="cer:${esc(r.name)}:desc">${esc(r.title)}: CER, highest first</option>` +
                   `<option value="cer:${esc(r.name)}:asc">${esc(r.title)}: CER, lowest first</option>`).join("") +
-    '<option value="diff:desc">CER of A − B, largest first</option><option value="diff:asc">CER of A − B, smallest first</option>';
+    '<option value="diff:desc">CER of A − B, largest first</option><option value="diff:asc">CER of A − B, smallest first</option>' +
+    RUNS.filter(r => r.confidence_source).map(r =>
+      `<option value="conf:${esc(r.name)}:asc">${esc(r.title)}: confidence, lowest first (review order)</option>`).join("");
   const runOptions = RUNS.map(r => `<option value="${esc(r.name)}">${esc(r.title)}</option>`).join("");
   $("a").innerHTML = runOptions;
   $("b").innerHTML = runOptions;

@@ -18,6 +18,7 @@ output file safe: progress is written atomically every save_interval finished sa
 samples already done and redoes only the missing and the failed ones.
 """
 import json
+import math
 import os
 import random
 import threading
@@ -98,7 +99,7 @@ class Endpoints:
 
 class ChatClient:
     def __init__(self, url, model_name, instruction, *, max_tokens, stop=None, timeout=60.0,
-                 max_retries=3, backoff_s=0.5, max_backoff_s=10.0):
+                 max_retries=3, backoff_s=0.5, max_backoff_s=10.0, logprobs=False):
         urls = [url] if isinstance(url, str) else list(url)
         self.endpoints = Endpoints(f"{u}/v1/chat/completions" for u in urls)
         self.model_name = model_name
@@ -109,6 +110,7 @@ class ChatClient:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.logprobs = logprobs   # ask for token log-probabilities (only servers that give them: confidence.py)
         self.stopping = threading.Event()   # set on Ctrl-C: no more retries
         self._local = threading.local()
         self._sessions = []
@@ -138,9 +140,13 @@ class ChatClient:
 
     def payload(self, image_path):
         body = {"model": self.model_name, "messages": chat_messages(image_path, self.instruction),
-                "temperature": self.generation["temperature"], "max_tokens": self.max_tokens}
+                "temperature": self.generation["temperature"]}
+        if self.max_tokens is not None:   # None: the server's own limit (an external server, no tokenizer here)
+            body["max_tokens"] = self.max_tokens
         if self.stop:
             body["stop"] = self.stop
+        if self.logprobs:
+            body["logprobs"] = True
         return body
 
     def body(self, image_path):
@@ -211,6 +217,8 @@ class ChatClient:
                    "prompt_tokens": count_or_none(usage.get("prompt_tokens")),
                    "finish_reason": clean_text(finish) if isinstance(finish, str) else None,
                    "latency_s": round(latency, 4), "attempts": attempt + 1}
+        if self.logprobs:
+            outcome["confidence"] = mean_logprob(choice)
         if len(self.endpoints.urls) > 1:
             outcome["endpoint"] = endpoint.removesuffix("/v1/chat/completions")
         return outcome, None, True
@@ -221,13 +229,22 @@ def count_or_none(value):
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
+def mean_logprob(choice):
+    """The server_logprobs confidence (stages/lib/evaluation/confidence.py) of one chat-completions
+    choice: the mean of its tokens' log-probabilities; None when it has none."""
+    content = (choice.get("logprobs") or {}).get("content")
+    values = [t.get("logprob") for t in content if isinstance(t, dict)] if isinstance(content, list) else []
+    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
 def sample_key(sample):
     """What a finished record must match to be reused: the image (path and content hash) and the label.
     A changed image (same path, new pixels) has a new hash, so it is predicted again."""
     return f"{sample.get('image_path')}\x00{sample.get('image_sha256')}\x00{sample.get('label')}"
 
 
-SCORED_FIELDS = {"image_path", "image_sha256", "label", "prediction", "cer_score", "f1_score", "error"}
+SCORED_FIELDS = {"image_path", "image_sha256", "label", "tags", "prediction", "cer_score", "f1_score", "error"}
 
 
 def score_record(sample, outcome):
@@ -236,6 +253,8 @@ def score_record(sample, outcome):
     `outcome` is a fresh predict() result or a record reused from an earlier run: scores are
     always recomputed, so a change in the metrics code reaches resumed samples too."""
     record = {"image_path": sample["image_path"], "image_sha256": sample.get("image_sha256"), "label": sample["label"]}
+    if sample.get("tags"):
+        record["tags"] = sample["tags"]   # from the split (a raw row's tags): the score stage reports per tag
     if "error" in outcome:
         record.update(prediction=None, cer_score=None, f1_score=None, error=outcome["error"],
                       attempts=outcome.get("attempts"))

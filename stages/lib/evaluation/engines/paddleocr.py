@@ -48,8 +48,10 @@ from ... import params as P
 from ...cli import UserError
 from ...images import ImageError, load_image
 from ..client import SampleError
+from ..confidence import weighted_score
 
 PARAMS = ("runs.engines.paddleocr",)
+CONFIDENCE = "paddleocr_scores"   # stages/lib/evaluation/confidence.py
 KEY = "runs.engines.paddleocr"
 OCR_VERSION = "PP-OCRv6"
 MODEL_TYPES = ("tiny", "small", "medium")          # PP-OCRv6 det/rec types rapidocr knows
@@ -222,7 +224,8 @@ def predictor(settings, timeout):
         except Exception as err:  # noqa: BLE001 - any failure of the engine is this sample's error
             message = str(err).strip().splitlines()
             raise SampleError(f"rapidocr failed: {type(err).__name__}: {message[-1] if message else ''}") from None
-        return {"prediction": join_lines(getattr(result, "boxes", None), getattr(result, "txts", None)),
-                "completion_tokens": None, "finish_reason": None}
+        texts = getattr(result, "txts", None)
+        return {"prediction": join_lines(getattr(result, "boxes", None), texts), "completion_tokens": None,
+                "confidence": weighted_score(texts, getattr(result, "scores", None)), "finish_reason": None}
 
     return predict
