@@ -107,7 +107,7 @@ def main(argv=None):
 
     if cfg["model_name"] != "tiny":
         path = check_model_dir(cfg["model_name"])
-        with atomic_dir(args.output) as tmp:
+        with atomic_dir(args.output, inputs=[path]) as tmp:
             atomic_write_json(tmp / SOURCE_FILE, {"model_name": str(path.resolve())})
         atomic_write_json(args.metrics, {"model_name": str(path.resolve()), "built": False})
         print(f"base: using {path}")
@@ -124,7 +124,7 @@ def main(argv=None):
     held_out, samples = samples[:n_held], samples[n_held:]
     sizes = {k: cfg[k] for k in ("seed", "image_size", "text_hidden_size", "text_layers",
                                  "vision_hidden_size", "vision_layers")}
-    with atomic_dir(args.output) as tmp:
+    with atomic_dir(args.output, inputs=[args.non_test]) as tmp:
         build_tiny_model(tmp, alphabet, **sizes)
         stats = pretrain(tmp, samples, cfg["instruction"], steps=cfg["pretrain_steps"],
                          learning_rate=cfg["pretrain_learning_rate"], batch_size=cfg["pretrain_batch_size"],

@@ -19,9 +19,14 @@ show its format (PNG, JPEG, GIF, WebP, BMP; not TIFF pages): from file://, or wi
 serves browse/ and exactly those image files, nothing else.
 """
 import argparse
+import errno
+import hashlib
 import json
+import math
 import os
+import re
 import shutil
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,7 +36,7 @@ from .lib.cli import UserError, run_main
 from .lib.evaluation.client import sample_key   # the image (path and content hash) and the label
 from .lib.failures import FLAGS
 from .lib.images import ImageError, content_hash, load_image, png_bytes, split_ref
-from .lib.io import atomic_dir, atomic_write_text, read_json
+from .lib.io import atomic_dir, atomic_write_text, check_replaceable, read_json
 from .lib.metrics import normalize_many
 from .lib.runs import load_runs, scored_path
 
@@ -52,6 +57,45 @@ def settings(params):
             "workers": P.get(params, "browse.workers", int, minimum=1)}
 
 
+# A scored file is data that may come from elsewhere (a teammate's `dvc pull`, another server): every
+# field that reaches the page, a file name or a link has the type it should, or the file is refused.
+SHA256 = re.compile(r"[0-9a-f]{64}")
+TEXT_FIELDS = ("image_path", "label", "prediction", "error", "finish_reason")
+NUMBER_FIELDS = ("cer_score", "f1_score", "confidence")
+RUN_FIGURES = ("overall_cer", "overall_f1", "scored_samples", "failed_samples", "truncated_predictions")
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_scored(doc, path):
+    """One line naming the first field of a scored document with the wrong type (see above)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("samples"), list):
+        raise UserError(f"{path}: expected an object with a 'samples' list (a normalize-score output)")
+    for key in RUN_FIGURES:
+        if doc.get(key) is not None and not is_number(doc[key]):
+            raise UserError(f"{path}: '{key}' must be a number, got {str(doc[key])[:60]!r}")
+    if doc.get("confidence_source") is not None and not isinstance(doc["confidence_source"], str):
+        raise UserError(f"{path}: 'confidence_source' must be a string")
+    for i, sample in enumerate(doc["samples"]):
+        where = f"{path}: samples[{i}]"
+        if not isinstance(sample, dict):
+            raise UserError(f"{where}: expected an object")
+        for key in TEXT_FIELDS:
+            if sample.get(key) is not None and not isinstance(sample[key], str):
+                raise UserError(f"{where}: '{key}' must be a string, got {type(sample[key]).__name__}")
+        for key in NUMBER_FIELDS:
+            if sample.get(key) is not None and not is_number(sample[key]):
+                raise UserError(f"{where}: '{key}' must be a number, got {str(sample[key])[:60]!r}")
+        flags = sample.get("flags")   # (tags: breakdowns.tags_of keeps only strings)
+        if flags is not None and not (isinstance(flags, list) and all(isinstance(v, str) for v in flags)):
+            raise UserError(f"{where}: 'flags' must be a list of strings")
+        sha = sample.get("image_sha256")
+        if sha is not None and not (isinstance(sha, str) and SHA256.fullmatch(sha)):
+            raise UserError(f"{where}: 'image_sha256' must be 64 lowercase hex digits, got {str(sha)[:80]!r}")
+
+
 def read_scored(runs, scored_dir):
     """{run name: scored document}; every run must have been scored."""
     docs = {}
@@ -60,10 +104,15 @@ def read_scored(runs, scored_dir):
         if not path.is_file():
             raise UserError(f"{path}: not found (run `dvc repro normalize-score` first)")
         doc = read_json(path)
-        if not isinstance(doc, dict) or not isinstance(doc.get("samples"), list):
-            raise UserError(f"{path}: expected an object with a 'samples' list (a normalize-score output)")
+        check_scored(doc, path)
         docs[run["name"]] = doc
     return docs
+
+
+def inside(path, folder):
+    """Is `path`, links resolved, inside `folder` (links resolved)?"""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
 
 
 def diff_ops(ref, pred):
@@ -74,11 +123,16 @@ def diff_ops(ref, pred):
 
 
 def full_size_link(image_path, out_dir):
-    """The original file's path relative to the page, where a browser can show its format; else None."""
-    path, page = split_ref(image_path)
-    if page is not None or Path(path).suffix.lower() not in BROWSER_FORMATS or not Path(path).is_file():
+    """The original file's URL relative to the page (quoted: a file name is never markup or a scheme),
+    where a browser can show its format and the file is inside the project (links resolved); else None."""
+    try:
+        path, page = split_ref(image_path)
+    except ImageError:
         return None
-    return Path(os.path.relpath(Path(path).resolve(), Path(out_dir).resolve())).as_posix()
+    if page is not None or Path(path).suffix.lower() not in BROWSER_FORMATS or not Path(path).is_file() \
+            or not inside(path, Path.cwd()):
+        return None
+    return urllib.parse.quote(Path(os.path.relpath(Path(path).resolve(), Path(out_dir).resolve())).as_posix())
 
 
 def collect(runs, docs, out_dir):
@@ -93,14 +147,14 @@ def collect(runs, docs, out_dir):
             key = (key, seen[key])   # the same image and label twice in the split: two samples
             if key not in rows:
                 order.append(key)
-                rows[key] = {"image_path": sample.get("image_path", ""), "sha": sample.get("image_sha256"),
-                             "label_raw": sample.get("label", ""), "runs": {}}
+                rows[key] = {"image_path": sample.get("image_path") or "", "sha": sample.get("image_sha256"),
+                             "label_raw": sample.get("label") or "", "runs": {}}
             rows[key]["runs"][run["name"]] = sample
     labels = normalize_many([rows[key]["label_raw"] for key in order])
     samples = []
     for index, (key, label) in enumerate(zip(order, labels)):
         row = rows[key]
-        samples.append({"i": index, "image_path": row["image_path"], "sha": row["sha"] or content_hash(row["image_path"]),
+        samples.append({"i": index, "image_path": row["image_path"], "sha": row["sha"] or image_sha(row["image_path"]),
                         "full": full_size_link(row["image_path"], out_dir), "label": label, "runs": {}})
     for run in runs:
         name = run["name"]
@@ -113,10 +167,8 @@ def collect(runs, docs, out_dir):
                                "d": None if failed else diff_ops(s["label"], pred), **flags_and_confidence(r)}
             if tags_of(r) and "t" not in s:
                 s["t"] = tags_of(r)
-    figures = ("overall_cer", "overall_f1", "scored_samples", "failed_samples", "truncated_predictions",
-               "confidence_source")
     return {"runs": [{"name": run["name"], "title": run["title"], "kind": run["kind"],
-                      **{k: docs[run["name"]].get(k) for k in figures}} for run in runs],
+                      **{k: docs[run["name"]].get(k) for k in (*RUN_FIGURES, "confidence_source")}} for run in runs],
             "samples": samples, **filter_values(samples)}
 
 
@@ -135,6 +187,15 @@ def filter_values(samples):
     flags = {f for s in samples for r in s["runs"].values() for f in r.get("g", ())}
     return {"flags": [f for f in FLAGS if f in flags] + sorted(flags - set(FLAGS)),
             "tags": sorted({t for s in samples for t in s.get("t", ())})}
+
+
+def image_sha(image_path):
+    """The content hash of a sample's image; for a file that cannot be read, the hash of its name
+    (a key for thumbs/ that no image has: the page says "image unreadable")."""
+    try:
+        return content_hash(image_path)
+    except (OSError, ImageError):
+        return hashlib.sha256(f"unreadable:{image_path}".encode()).hexdigest()
 
 
 def thumbnail_png(image_path, px):
@@ -168,10 +229,10 @@ def write_thumbnails(samples, thumb_dir, px, workers):
     return len(made)
 
 
-def write_page(out_dir, data, config):
+def write_page(out_dir, data, config, inputs=()):
     """browse/: the static page, data.js (the data as one JS assignment: file:// pages cannot fetch
     JSON) and thumbs/, built in a temp folder that replaces the old one whole."""
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, inputs=inputs) as tmp:
         tmp = Path(tmp)
         made = write_thumbnails(data["samples"], tmp / "thumbs", config["thumb_px"], config["workers"])
         for name in PAGE_FILES:
@@ -189,16 +250,24 @@ def serve(out_dir, port):
     from functools import partial
 
     out_dir = Path(out_dir).resolve()
+    project = Path.cwd().resolve()
     if not (out_dir / "data.js").is_file():
         raise UserError(f"{out_dir}: no results page (run `dvc repro browse` first)")
+    if not inside(out_dir, project):
+        raise UserError(f"{out_dir}: --serve serves a page inside the project ({project}) only")
     text = (out_dir / "data.js").read_text(encoding="utf-8")
-    data = json.loads(text[text.index("=") + 1:].rstrip().rstrip(";"))
-    allowed = {(out_dir / s["full"]).resolve() for s in data["samples"] if s.get("full")}
+    try:
+        data = json.loads(text[text.index("=") + 1:].rstrip().rstrip(";"))
+        links = [urllib.parse.unquote(s["full"]) for s in data["samples"] if s.get("full")]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{out_dir / 'data.js'}: not a results page's data (run `dvc repro browse`)") from None
+    # Only files inside the project, links resolved: a linked image that points elsewhere is not served.
+    allowed = {target for target in ((out_dir / link).resolve() for link in links) if inside(target, project)}
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def translate_path(self, path):
             target = Path(super().translate_path(path)).resolve()
-            if target == out_dir or out_dir in target.parents or target in allowed:
+            if (inside(target, out_dir) or target in allowed) and inside(target, project):
                 return str(target)
             return str(out_dir / "__not_served__")
 
@@ -206,7 +275,12 @@ def serve(out_dir, port):
     # holds every linked file and browse/; translate_path serves only browse/ and those files.
     root = Path(os.path.commonpath([out_dir, *allowed])) if allowed else out_dir
     page = out_dir.relative_to(root).as_posix()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), partial(Handler, directory=str(root)))
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), partial(Handler, directory=str(root)))
+    except OSError as err:
+        hint = " (another program uses it: pick another --port, or 0 for any free one)" \
+            if err.errno == errno.EADDRINUSE else ""
+        raise UserError(f"--port {port}: cannot listen on 127.0.0.1:{port}: {err.strerror}{hint}") from None
     url = f"http://127.0.0.1:{server.server_port}/{page + '/' if page != '.' else ''}index.html"
     print(f"browse: serving {url} (127.0.0.1 only; Ctrl-C stops)", flush=True)
     try:
@@ -227,10 +301,11 @@ def main(argv=None):
     if args.serve:
         serve(args.out, args.port)
         return
+    check_replaceable(args.out, inputs=[args.scored_dir])   # before any work: never `--out results`
     config = settings(P.load_params(PARAMS))
     docs = read_scored(config["runs"], args.scored_dir)
     data = collect(config["runs"], docs, args.out)
-    made = write_page(args.out, data, config)
+    made = write_page(args.out, data, config, inputs=[args.scored_dir])
     print(f"browse: {len(data['samples'])} samples x {len(config['runs'])} runs, {made} thumbnails -> "
           f"{args.out}/index.html (opens offline)")
 

@@ -50,10 +50,10 @@ from .lib.evaluation import confidence
 from .lib.evaluation.client import ChatClient, load_previous, run_samples, sample_key
 from .lib.images import ImageError, content_hash, page_count, split_ref
 from .lib.io import atomic_write_json, read_split
-from .lib.modeling import IMAGE_PARAMS, image_settings
+from .lib.modeling import IMAGE_PARAMS, check_no_custom_code, image_settings, resolve_base_dir
 from .lib.prompt import user_turn
-from .lib.evaluation.serving import (Server, base_url, check_model_served, image_server_args, managed_server,
-                                     pick_engine, served_ids, served_models)
+from .lib.evaluation.serving import (Server, base_url, check_model_served, check_server_args, image_server_args,
+                                     managed_server, pick_engine, served_ids, served_models)
 
 ENGINES = ("auto", "transformers", "vllm", *OCR_ENGINES)
 
@@ -119,7 +119,7 @@ def parse_args(argv):
                         help="'auto' (from the longest label of the split) or a number")
     parser.add_argument("--startup-timeout", type=float, default=model(lambda: get("startup_timeout", float, minimum=1)))
     parser.add_argument("--instruction", default=model(lambda: P.get(params, "instruction", str)))
-    args = parser.parse_args(argv)
+    args = P.parse_checked(parser, argv)
     if is_engine:
         args.engine_settings = load_engine(args.engine).settings(params)
     else:
@@ -135,6 +135,7 @@ def parse_args(argv):
         args.server_args = get("server_args", list)
         if not all(isinstance(a, str) for a in args.server_args):
             raise UserError(f"params.yaml: 'evaluate.server_args' must be a list of strings, got {args.server_args!r}")
+        check_server_args(args.server_args)
         if args.max_retries < 0:
             raise UserError(f"--max-retries must be >= 0, got {args.max_retries}")
     for name in ("workers", "save_interval"):
@@ -197,12 +198,11 @@ def model_folder(path):
     """--model-dir itself, or the checkpoint models/base's source.json points at."""
     path = Path(path)
     if (path / "source.json").is_file():
-        from .lib.modeling import resolve_base_dir
-
         return Path(resolve_base_dir(path))
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a model folder (no config.json); run the stage that writes it "
                         "(`dvc repro merge` for models/merged) or pass --vllm-url")
+    check_no_custom_code(path)
     return path
 
 
@@ -374,7 +374,7 @@ def auto_max_tokens(folder, samples, instruction):
     from .lib.modeling import generation_budget
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError) as error:   # a folder without tokenizer files
         raise UserError(f"{folder}: no tokenizer to measure the labels with for evaluate.max_tokens 'auto' "
                         f"({type(error).__name__}); set evaluate.max_tokens to a number") from None

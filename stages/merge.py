@@ -58,7 +58,7 @@ def parse_args(argv):
                          "float16); float32 also for exact checks")
     ap.add_argument("--tolerance", type=float, default=None, help="relative logit tolerance (default: per dtype)")
     ap.add_argument("--keep-free-gb", type=float, default=1.0, help="disk space to leave free after the merge")
-    args = ap.parse_args(argv)
+    args = P.parse_checked(ap, argv)
     for name in ("samples", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
@@ -122,7 +122,7 @@ def main(argv=None):
 
     start = time.time()
     M.return_freed_memory()
-    with atomic_dir(args.out) as tmp:
+    with atomic_dir(args.out, inputs=[base_dir, args.adapter, args.rows]) as tmp:
         # 1. Reference: base + adapter, unmerged, in the merge dtype.
         peft_model, reference, figures = M.reference_runs(
             base_dir, args.adapter, torch_dtype, processor, images, instruction, args.max_new_tokens)

@@ -45,7 +45,7 @@ from .lib import failures
 from .lib import metrics as M
 from .lib import params as P
 from .lib.cli import UserError, run_main
-from .lib.io import atomic_dir, atomic_write_bytes, atomic_write_text
+from .lib.io import atomic_dir, atomic_write_bytes, atomic_write_text, clean_surrogates
 from .lib.runs import RAW_DIR, SCORED_DIR, load_runs, raw_path, scored_path
 
 METRICS = "metrics/score.json"
@@ -67,7 +67,8 @@ def load_evaluation(path):
         doc = parse_mapped(path)  # orjson: several times faster than json on 200k samples
     except orjson.JSONDecodeError:
         try:
-            doc = json.loads(path.read_bytes())  # also accepts NaN/Infinity, which a Python writer may emit
+            # also accepts NaN/Infinity, which a Python writer may emit, and lone surrogates (cleaned)
+            doc = clean_surrogates(json.loads(path.read_bytes()))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             where = f" ({err.msg} at line {err.lineno} column {err.colno})" if isinstance(err, json.JSONDecodeError) else ""
             raise UserError(f"{path}: not valid JSON{where}") from None
@@ -263,7 +264,7 @@ def score_stage(args, runs):
         path = raw_path(run, args.results_dir)
         scored[run] = score_document(load_evaluation(path), path, args.bootstrap_samples, args.seed)
     details = stage_details(args, scored)
-    with atomic_dir(args.scored_dir) as tmp:
+    with atomic_dir(args.scored_dir, inputs=[args.results_dir]) as tmp:
         for run, (out, summary, _) in scored.items():
             write_json(Path(tmp) / f"{run}.json", out)
             print(f"score: {describe(scored_path(run, args.scored_dir), summary)}")

@@ -95,7 +95,7 @@ def parse_args(argv, params):
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--apply-best", action="store_true",
                    help=f"write the best values of {BEST_PARAMS} into params.yaml (then dvc repro trains with them)")
-    args = p.parse_args(argv)
+    args = P.parse_checked(p, argv)
     if args.n_trials is None:
         args.n_trials = P.get(params, "search.n_trials", int, minimum=0)
     if args.n_trials < 0:

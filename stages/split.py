@@ -21,13 +21,16 @@ bytes: changing an image's pixels changes the split, and the evaluation re-predi
 that sample (its resume key includes the hash).
 """
 import argparse
+import os
 import random
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from .lib import params as P
 from .lib.cli import UserError, run_main
-from .lib.images import ImageError, content_hash, load_image, page_count, page_ref, split_ref
+from .lib.images import (ImageError, check_page_count, check_pixels, content_hash, iter_pages, load_image, page_count,
+                          page_ref, split_ref)
 from .lib.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
 
 OUT_DIR = "data/input"
@@ -35,6 +38,9 @@ PAGES_DIR = "pages"   # rendered PDF pages, inside OUT_DIR
 METRICS = "metrics/split.json"
 PLOT_DIR = "plots/split"
 PARAMS = ["split"]
+SYNTH_DIR, OWN_DATA = "data/synthetic", "data/raw_data/ocr.json"   # the synth stage's folder; the README's
+GROUP_BY = ("none", "parent")
+EMPTY_TEXT = ("error", "drop", "keep")
 
 
 def read_raw(path, empty_text, pdf_dpi=200, pages_dir=None, pages_name=None):
@@ -42,7 +48,7 @@ def read_raw(path, empty_text, pdf_dpi=200, pages_dir=None, pages_name=None):
     rows = read_json(path)
     if not isinstance(rows, list):
         raise UserError(f"{path}: expected a JSON list of {{img_path, ocr_results}} rows, got {type(rows).__name__}")
-    out, seen, counts = [], {}, {"dropped_empty": 0, "pdf_pages": 0}
+    out, seen, checked, counts = [], {}, set(), {"dropped_empty": 0, "pdf_pages": 0}
     for i, row in enumerate(rows):
         where = f"{path}: row {i}"
         if not isinstance(row, dict):
@@ -57,10 +63,11 @@ def read_raw(path, empty_text, pdf_dpi=200, pages_dir=None, pages_name=None):
             raise UserError(f"{where}: field 'ocr_results' must be a string (or, for a whole PDF/TIFF, a list of "
                             f"page texts), got {type(texts).__name__}")
         tags = row_tags(row, where)
-        for ref, text in expand_pages(row["img_path"], texts, where):
-            if ref in seen:
-                raise UserError(f"{where}: duplicate img_path '{ref}' (first in row {seen[ref]})")
-            seen[ref] = i
+        for ref, text in expand_pages(canonical_ref(row["img_path"], where), texts, where):
+            same = image_identity(ref)   # one image under two spellings (a/../b, a link) is one image
+            if same in seen:
+                raise UserError(f"{where}: duplicate img_path '{ref}' (the same image as row {seen[same]})")
+            seen[same] = i
             if not text.strip():
                 if empty_text == "error":
                     raise UserError(f"{where}: empty ocr_results for '{ref}' (set split.empty_text to 'drop' or 'keep')")
@@ -73,9 +80,26 @@ def read_raw(path, empty_text, pdf_dpi=200, pages_dir=None, pages_name=None):
                 out.append({"image_path": str(Path(pages_name) / rendered.name), "ocr_text": text, "source": ref,
                             "image_sha256": content_hash(rendered), **tags})
             else:
-                check_image(ref, where)
+                check_image(ref, where, checked)
                 out.append({"image_path": ref, "ocr_text": text, "image_sha256": content_hash(ref), **tags})
     return out, counts
+
+
+def canonical_ref(img_path, where):
+    """The row's path written one way: 'img/docB/../docA/l0.png' -> 'img/docA/l0.png' (lexically, so a
+    relative path stays relative and a linked data folder keeps its name)."""
+    try:
+        path, page = split_ref(img_path)
+    except ImageError as err:
+        raise UserError(f"{where}: {err}") from None
+    path = os.path.normpath(path)
+    return path if page is None else page_ref(path, page)
+
+
+def image_identity(ref):
+    """What makes two references the same image: the real file (links resolved) and the page."""
+    path, page = split_ref(ref)
+    return os.path.realpath(path), page
 
 
 def row_tags(row, where):
@@ -132,9 +156,14 @@ def pdf_page_count(path, where):
 
     try:
         with pdfium.PdfDocument(str(path)) as pdf:
-            return len(pdf)
+            count = len(pdf)
     except pdfium.PdfiumError as err:
         raise UserError(f"{where}: '{path}' is not a readable PDF ({err})") from None
+    try:
+        check_page_count(path, count)
+    except ImageError as err:
+        raise UserError(f"{where}: {err}") from None
+    return count
 
 
 def render_pdf_page(ref, dpi, pages_dir, where):
@@ -146,17 +175,28 @@ def render_pdf_page(ref, dpi, pages_dir, where):
     target = Path(pages_dir) / name
     try:
         with pdfium.PdfDocument(str(path)) as pdf:
+            width, height = pdf[page - 1].get_size()   # points: the pixels are known before rendering
+            check_pixels(ref, (round(width * dpi / 72), round(height * dpi / 72)), f"page at {dpi} dpi")
             bitmap = pdf[page - 1].render(scale=dpi / 72)
             bitmap.to_pil().convert("RGB").save(target, format="PNG")
     except pdfium.PdfiumError as err:
         raise UserError(f"{where}: page {page} of '{path}' could not be rendered ({err})") from None
+    except ImageError as err:
+        raise UserError(f"{where}: {err} (or lower split.pdf_dpi)") from None
     return target
 
 
-def check_image(ref, where):
-    """Decode the image with the loader every later stage uses: what passes here, they can read."""
+def check_image(ref, where, checked):
+    """Decode the image with the loader every later stage uses: what passes here, they can read.
+    Every page of a multi-page file is decoded in one pass, the first time one of its pages comes."""
+    path, page = split_ref(ref)
     try:
-        load_image(ref)
+        if page is None:
+            load_image(ref)
+        elif path not in checked:
+            for _ in iter_pages(path):
+                pass
+            checked.add(path)
     except ImageError as err:
         raise UserError(f"{where}: image {err}") from None
 
@@ -224,21 +264,25 @@ def write_plots(non_test, test, plot_dir):
 def main(argv=None):
     params = P.load_params(PARAMS)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", default="data/raw_data/ocr.json")
+    data = P.get(params, "split.data", str)
+    parser.add_argument("--input", default=f"{data}/ocr.json", help="raw rows (default: params split.data/ocr.json)")
     parser.add_argument("--output-dir", default=OUT_DIR)
     parser.add_argument("--test-ratio", type=float, default=P.get(params, "split.test_ratio", float))
     parser.add_argument("--seed", type=int, default=P.get(params, "split.seed", int))
-    parser.add_argument("--group-by", choices=["none", "parent"], default=P.get(params, "split.group_by", str))
-    parser.add_argument("--empty-text", choices=["error", "drop", "keep"], default=P.get(params, "split.empty_text", str))
+    parser.add_argument("--group-by", choices=GROUP_BY, default=P.get(params, "split.group_by", str, choices=GROUP_BY))
+    parser.add_argument("--empty-text", choices=EMPTY_TEXT, default=P.get(params, "split.empty_text", str, choices=EMPTY_TEXT))
     parser.add_argument("--pdf-dpi", type=int, default=P.get(params, "split.pdf_dpi", int, minimum=36, maximum=1200))
     parser.add_argument("--metrics", default=METRICS)
     parser.add_argument("--plots-dir", default=PLOT_DIR)
-    args = parser.parse_args(argv)
+    args = P.parse_checked(parser, argv)
+    if args.input == f"{SYNTH_DIR}/ocr.json" and Path(OWN_DATA).is_file():
+        print(f"note: {OWN_DATA} is there but split.data is {SYNTH_DIR} (the generated data): set split.data "
+              "to data/raw_data to split your data (README: Bring your own data)", file=sys.stderr)
     if not 0.0 < args.test_ratio < 1.0:
         raise UserError(f"--test-ratio (split.test_ratio) must be between 0 and 1, got {args.test_ratio}")
 
     # Everything is written into a temp folder that replaces data/input only when the split succeeded.
-    with atomic_dir(args.output_dir) as out:
+    with atomic_dir(args.output_dir, inputs=[args.input]) as out:
         (out / PAGES_DIR).mkdir()
         rows, counts = read_raw(args.input, args.empty_text, args.pdf_dpi, out / PAGES_DIR,
                                 Path(args.output_dir) / PAGES_DIR)

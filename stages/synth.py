@@ -1,8 +1,10 @@
 """synth: render the embedded default dataset (receipt-like Traditional Chinese lines).
 
-Writes data/raw_data/ocr.json ([{"img_path", "ocr_results", "tags"}], the original scripts' raw
-format plus the kind of line as its tag: date, amount, invoice, address, item) and the PNGs under data/raw_data/images/doc_NNN/. Same params + same fonts give
-byte-identical files. Replace it with your own data: see the README.
+Writes data/synthetic/ocr.json ([{"img_path", "ocr_results", "tags"}], the original scripts' raw
+format plus the kind of line as its tag: date, amount, invoice, address, item) and the PNGs under
+data/synthetic/images/doc_NNN/. Same params + same fonts give byte-identical files. A folder of its
+own, where nobody puts their files: this stage replaces it whole. Replace it with your own data
+(data/raw_data/, params.yaml split.data): see the README.
 """
 import argparse
 import random
@@ -14,7 +16,7 @@ from .lib.cli import run_main
 from .lib.io import atomic_dir, atomic_write_json
 from .lib.synthetic import render_line, tagged_line
 
-OUT_DIR = "data/raw_data"
+OUT_DIR = "data/synthetic"
 PARAMS = ["synth"]
 
 

@@ -35,7 +35,7 @@ import sys
 from .lib import params as P
 from .lib import launch
 from .lib.cli import UserError, record_runtime, run_main
-from .lib.io import atomic_write_json, read_split
+from .lib.io import atomic_write_json, check_replaceable, read_split
 from .lib.modeling import resolve_base_dir
 from .lib.runtime import RUNTIME_KEYS
 from .lib.training import TRAINING_PARAMS, choose_backend, demo_value_warnings, run_training, split_train_val, training_config
@@ -68,6 +68,7 @@ def main(argv=None):
         for warning in demo_value_warnings(config):
             print(warning, file=sys.stderr)
     base_dir = resolve_base_dir(args.base_dir)
+    check_replaceable(args.output, inputs=[base_dir, args.non_test])   # before hours of training
     train_rows, val_rows = split_train_val(read_split(args.non_test), config["val_ratio"], config["seed"])
     n, worker = config["num_processes"], launch.is_worker()
     if not worker:

@@ -106,6 +106,7 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("analyze_project")
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     params["analyze"]["worst_n"] = 8
+    params["split"]["data"] = "data/raw_data"   # the images below: a dep of the analyze stage
     params["runs"]["engines"] = {"tesseract": params["runs"]["engines"]["tesseract"]}   # the three runs below
     (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     (root / "models/search").mkdir(parents=True)

@@ -106,9 +106,10 @@ def test_the_comparison_table_has_few_columns(tmp_path):
         assert "…" not in table and max(map(len, table.splitlines())) <= 160, table
     # every dependency's hash column (named by its path) is dropped, as after a real `dvc exp run`
     drop = re.compile(wide[wide.index("--drop") + 1])
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     deps = {dep for stage in stages_of(ROOT / "dvc.yaml").values() for dep in stage.get("do", stage).get("deps", [])
-            if dep != "${item.dir}"}
-    deps |= {row["dir"] for row in yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["runs"]["models"].values()}
+            if dep not in ("${item.dir}", "${split.data}")}
+    deps |= {row["dir"] for row in params["runs"]["models"].values()} | {params["split"]["data"]}
     assert deps and not [dep for dep in deps if not drop.match(dep)]
     full = sh(*DVC, "exp", "show", "--csv", cwd=repo).splitlines()[0].split(",")
     assert len(full) > 100   # what --csv gives for the rest

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from stages import score
+from stages.lib.io import MARKER
 from stages.lib.cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +170,7 @@ def test_stage_mode_writes_every_dvc_output(tmp_path, monkeypatch, capsys):
     outs = [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
     assert outs == ["scored", "metrics/runtime/normalize-score.json", "metrics/score_details.json", "review"] and "results" in stage["deps"]
     assert all((tmp_path / path).exists() for path in outs if not path.startswith("metrics/runtime/"))  # run_main under DVC writes it
-    assert sorted(p.name for p in (tmp_path / "scored").iterdir()) == sorted(f"{r}.json" for r in RUNS)
+    assert sorted(p.name for p in (tmp_path / "scored").iterdir() if p.name != MARKER) == sorted(f"{r}.json" for r in RUNS)
     warned = capsys.readouterr().err
     assert "warning: base: 3 of 3 predictions were cut by the token limit" in warned and "finetuned:" not in warned
 

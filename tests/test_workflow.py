@@ -258,7 +258,7 @@ def test_push_and_pull_to_a_local_remote(project, r32, tmp_path):
     project.dvc("remote", "add", "-d", "--local", "store", str(remote))
     project.dvc("push")
     outs = cached_outs(project.root)
-    assert {"data/raw_data", "models/base", "models/lora", "models/merged"} <= set(outs)
+    assert {"data/synthetic", "models/base", "models/lora", "models/merged"} <= set(outs)
     before = digests(project.root, outs)
     assert len(before) > 20 and any(k.startswith("models/lora/") for k in before)
     shutil.rmtree(project.root / ".dvc" / "cache")
@@ -376,6 +376,9 @@ def user_data(root, n_docs=10, lines=5):
 def test_readme_own_data_steps_leave_git_and_dvc_clean_and_pixels_are_versioned(tmp_path):
     p = copy_project(tmp_path / "repo", with_lock=True)        # a clone: dvc.lock of the default run included
     user_data(p.root)
+    params = p.root / "params.yaml"   # step 1 of the README: split.data names their folder
+    params.write_text(params.read_text(encoding="utf-8").replace("  data: data/synthetic", "  data: data/raw_data"),
+                      encoding="utf-8")
     steps = readme_block("Bring your own data")
     assert steps[0].startswith("dvc remove synth") and any(s.startswith("dvc repro") for s in steps)
     for step in steps:

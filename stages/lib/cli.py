@@ -1,5 +1,6 @@
 """How every stage reports bad input (one line on stderr, exit code 2, no traceback), and where
 it records what varies by machine (metrics/runtime/STAGE.json when DVC runs it)."""
+import errno
 import logging
 import os
 import platform
@@ -7,6 +8,8 @@ import resource
 import sys
 import time
 import warnings
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class UserError(Exception):
@@ -71,6 +74,13 @@ def run_main(main, argv=None):
         main(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in FULL:
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"error: no space left on the device{where} ({err.strerror}); free some space and re-run "
+              "(outputs are written whole or not at all)", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

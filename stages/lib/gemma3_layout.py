@@ -124,7 +124,7 @@ def layout_problems(folder):
     odd = sorted(k for k in keys if not k.startswith(REAL_PREFIXES) or real_key(k, _tied(config)) != k)
     if odd:
         problems.append(f"{len(odd)} tensors outside the real layout (first: {odd[0]})")
-    vocab = AutoTokenizer.from_pretrained(str(folder)).get_vocab()
+    vocab = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False).get_vocab()
     missing = [t.replace("\n", "\\n") for t in NEWLINE_TOKENS if t not in vocab]
     if missing:
         problems.append(f"the tokenizer lacks Gemma's newline tokens {missing}")

@@ -13,11 +13,19 @@ What load_image does, in this order:
    a transparent background is paper, not black ink (a plain convert("RGB") makes it black).
 4. Everything else (1-bit, L, P, CMYK, YCbCr, LAB, ...) is converted with PIL's convert("RGB").
 The result is always an 8-bit RGB image.
+
+Bounded work on hostile files: an image (or a PDF page as rendered) over MAX_PIXELS and a file of
+more than MAX_PAGES pages are refused with one line, before their pixels are decoded; the pages of
+a multi-page file are read in one pass (iter_pages) and the file is hashed once, not once per page.
 """
+import functools
 import hashlib
 import io
 from pathlib import Path
 
+# 100 megapixels: a 600 dpi A3 scan is 70 MP; a 60000 x 60000 "decompression bomb" PNG is 3,600 MP.
+MAX_PIXELS = 100_000_000
+MAX_PAGES = 1000   # pages of one PDF or TIFF (split a longer file into several)
 PAGE_MARK = "#page="
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 PDF_SUFFIXES = (".pdf",)
@@ -42,6 +50,36 @@ def page_ref(path, page):
     return f"{path}{PAGE_MARK}{page}"
 
 
+def check_pixels(path, size, what="image"):
+    width, height = size
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"'{path}' {what} is {width} x {height} pixels, over the limit of "
+                         f"{MAX_PIXELS // 1_000_000} megapixels (stages/lib/images.py MAX_PIXELS); scale it down")
+
+
+def check_page_count(path, count):
+    if count > MAX_PAGES:
+        raise ImageError(f"'{path}' has {count} pages, over the limit of {MAX_PAGES} per file "
+                         "(stages/lib/images.py MAX_PAGES); split it into several files")
+
+
+def _open(path):
+    """Image.open with the size checked before any pixel is decoded."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS   # PIL warns above this and refuses above twice this
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError:   # PIL's own limit (2x its MAX_IMAGE_PIXELS): far over ours
+        raise ImageError(f"'{path}' is a decompression bomb (over {MAX_PIXELS // 1_000_000} megapixels)") from None
+    try:
+        check_pixels(path, image.size)
+    except ImageError:
+        image.close()
+        raise
+    return image
+
+
 def open_frame(ref):
     """The PIL image of `ref` (the right frame of a multi-page file), not yet converted."""
     from PIL import Image, UnidentifiedImageError
@@ -52,12 +90,13 @@ def open_frame(ref):
     if not path.is_file():
         raise ImageError(f"'{path}' does not exist")
     try:
-        image = Image.open(path)
-        frames = getattr(image, "n_frames", 1)
+        image = _open(path)
         if page is not None:
+            frames = page_count(path)
             if page > frames:
                 raise ImageError(f"'{path}' has {frames} page(s), page {page} asked for")
             image.seek(page - 1)
+            check_pixels(f"{path}{PAGE_MARK}{page}", image.size)
         image.load()
     except ImageError:
         raise
@@ -66,13 +105,44 @@ def open_frame(ref):
     return image
 
 
+def _file_key(path):
+    """(path, size, mtime): a cache key that changes whenever the file does."""
+    st = Path(path).stat()
+    return str(path), st.st_size, st.st_mtime_ns
+
+
 def page_count(path):
-    """Frames of an image file (1 for most; several for a multi-page TIFF)."""
-    from PIL import Image, UnidentifiedImageError
+    """Frames of an image file (1 for most; several for a multi-page TIFF). Counting walks the whole
+    TIFF, so it is done once per file version."""
+    return _page_count(*_file_key(path))
+
+
+@functools.lru_cache(maxsize=256)
+def _page_count(path, size, mtime_ns):
+    from PIL import UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            return getattr(image, "n_frames", 1)
+        with _open(path) as image:
+            count = getattr(image, "n_frames", 1)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageError(f"'{path}' is not a readable image ({type(err).__name__})") from None
+    check_page_count(path, count)
+    return count
+
+
+def iter_pages(path):
+    """(page number, 8-bit RGB) of every page of an image file, in one pass over the file
+    (load_image of each `path#page=N` would walk the file from its start every time)."""
+    from PIL import UnidentifiedImageError
+
+    count = page_count(path)
+    try:
+        with _open(path) as image:
+            for index in range(count):
+                image.seek(index)
+                check_pixels(f"{path}{PAGE_MARK}{index + 1}", image.size)
+                image.load()
+                yield index + 1, to_rgb(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"'{path}' is not a readable image ({type(err).__name__})") from None
 
@@ -116,10 +186,16 @@ def content_hash(ref):
     """sha256 of the file's bytes (and the page, for one page of a multi-page file): the data version
     of one sample. Any change of pixels changes it; the split rows carry it."""
     path, page = split_ref(ref)
+    digest = _file_digest(*_file_key(path)).copy()   # every page of a file: the file read once
+    if page is not None:
+        digest.update(f"{PAGE_MARK}{page}".encode())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path, size, mtime_ns):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    if page is not None:
-        digest.update(f"{PAGE_MARK}{page}".encode())
-    return digest.hexdigest()
+    return digest

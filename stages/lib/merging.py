@@ -260,7 +260,8 @@ def load_base(base_dir, torch_dtype, strict=False):
 
     extra = {"device_map": "cuda"} if torch.cuda.is_available() else {}
     model, info = AutoModelForImageTextToText.from_pretrained(str(base_dir), dtype=torch_dtype,
-                                                              output_loading_info=True, **extra)
+                                                              output_loading_info=True, trust_remote_code=False,
+                                                              **extra)
     wrong = {kind: keys for kind, keys in info.items() if keys and kind != "error_msgs"}
     if strict and wrong:
         raise UserError(f"{base_dir}: reloading it gave {', '.join(f'{len(v)} {k}' for k, v in wrong.items())} "
@@ -313,7 +314,8 @@ def merge_with_unsloth(base_dir, adapter_dir, out_dir, torch_dtype, processor):
         config["base_model_name_or_path"] = str(Path(base_dir).resolve())
         (Path(tmp) / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
         (Path(tmp) / "adapter_model.safetensors").symlink_to(Path(adapter_dir, "adapter_model.safetensors").resolve())
-        model, _ = FastVisionModel.from_pretrained(tmp, load_in_4bit=False, dtype=torch_dtype)
+        model, _ = FastVisionModel.from_pretrained(tmp, load_in_4bit=False, dtype=torch_dtype,
+                                                  trust_remote_code=False)
         model.save_pretrained_merged(str(out_dir), processor, save_method="merged_16bit")
         del model
     free_memory()

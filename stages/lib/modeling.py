@@ -14,6 +14,23 @@ from .io import read_json
 BASE_DIR = "models/base"
 SOURCE_FILE = "source.json"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+# The files in which a folder asks transformers to import its own Python (an `auto_map` entry).
+CODE_CONFIGS = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
+                "video_preprocessor_config.json", "adapter_config.json")
+
+
+def check_no_custom_code(path):
+    """A model folder is data: one whose configs name custom code (`auto_map`) is refused with one
+    line, before transformers (which would ask "run the custom code? [y/N]") or a server sees it.
+    Every load also passes trust_remote_code=False."""
+    for name in CODE_CONFIGS:
+        file = Path(path) / name
+        if file.is_file():
+            config = read_json(file)
+            if isinstance(config, dict) and "auto_map" in config:
+                raise UserError(f"{file}: the folder needs its own Python code (auto_map: "
+                                f"{', '.join(map(str, config['auto_map']))[:120]}); this project never runs code "
+                                "from a model folder: use a model transformers supports natively")
 
 
 def check_model_dir(path, what="model_name"):
@@ -26,6 +43,7 @@ def check_model_dir(path, what="model_name"):
         raise UserError(f"params.yaml: '{what}' {str(path)!r} is not a model folder (no config.json)")
     if not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
         raise UserError(f"params.yaml: '{what}' {str(path)!r} is not a model folder (no *.safetensors/*.bin weights)")
+    check_no_custom_code(path)
     return path
 
 
@@ -40,6 +58,7 @@ def resolve_base_dir(base_dir=BASE_DIR):
         return check_model_dir(info["model_name"])
     if not (base_dir / "config.json").is_file():
         raise UserError(f"{base_dir}: no base model (run `dvc repro base` first)")
+    check_no_custom_code(base_dir)
     return base_dir
 
 
@@ -82,7 +101,8 @@ def load_processor(path, image=None):
     """AutoProcessor of a local folder, with the `image` settings (image_settings) applied."""
     from transformers import AutoProcessor
 
-    return apply_image_settings(AutoProcessor.from_pretrained(str(path)), image)
+    check_no_custom_code(path)
+    return apply_image_settings(AutoProcessor.from_pretrained(str(path), trust_remote_code=False), image)
 
 
 def load_model(path, *, load_in_4bit=False, dtype=None):
@@ -90,7 +110,8 @@ def load_model(path, *, load_in_4bit=False, dtype=None):
     import torch
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
-    kwargs = {"dtype": dtype or torch.float32}
+    check_no_custom_code(path)
+    kwargs = {"dtype": dtype or torch.float32, "trust_remote_code": False}
     if torch.cuda.is_available():
         # the whole model on this process's GPU: a torchrun worker's LOCAL_RANK (one GPU each), else GPU 0
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}

@@ -4,6 +4,7 @@ Each stage declares the keys it reads (its PARAMS, the same list as its `params:
 tests/test_dvc_yaml.py checks the two agree) and loads params.yaml through that declaration:
 load_params(PARAMS) hands the stage only those keys, so reading an undeclared key fails at once
 instead of leaving a stage that DVC does not re-run when that key changes."""
+import math
 import re
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def load_params(declared=None, path=PARAMS_FILE):
     if not isinstance(params, dict):
         raise UserError(f"{path}: expected a mapping of parameters")
     if declared is None:
+        check_finite(params)
         return params
     view = Params()
     view.everything = params
@@ -52,7 +54,33 @@ def load_params(declared=None, path=PARAMS_FILE):
             for part in parents:
                 node = node.setdefault(part, {})
             node[last] = value
+    check_finite(view)
     return view
+
+
+def check_finite(node, key=""):
+    """NaN and infinity are no value for any parameter (YAML reads `.nan` and `.inf` as floats):
+    `learning_rate: .inf` would train to NaN and exit 0. One line naming the key."""
+    if isinstance(node, float) and not math.isfinite(node):
+        raise UserError(f"params.yaml: '{key}' must be a finite number, got {node!r}")
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for name, child in children:
+        check_finite(child, f"{key}.{name}" if key else str(name))
+
+
+def parse_checked(parser, argv):
+    """parser.parse_args, then the checks argparse skips for defaults (here: values from
+    params.yaml): a value outside an argument's `choices`, and NaN/infinity for any number
+    (argparse's float() accepts 'nan' and 'inf' on the command line too)."""
+    args = parser.parse_args(argv)
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        flag = "/".join(action.option_strings) or action.dest
+        if action.choices is not None and value is not None and value not in action.choices:
+            raise UserError(f"{flag} (or its params.yaml default) must be one of {list(action.choices)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{flag} must be a finite number, got {value!r}")
+    return args
 
 
 def lookup(params, dotted_key):
@@ -75,6 +103,7 @@ def get(params, dotted_key, kind=None, *, minimum=None, maximum=None, choices=No
         raise UserError(f"params.yaml: missing parameter '{dotted_key}'")
     if value is None and allow_none:
         return None
+    check_finite(value, dotted_key)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is not None and (not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool))):

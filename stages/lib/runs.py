@@ -34,6 +34,12 @@ def load_runs(params):
             if not str(name).replace("_", "").isalnum():
                 raise UserError(f"params.yaml: 'runs.{group}.{name}': run names are letters, digits and _")
             runs.append({"name": str(name), "title": row["title"], "kind": kind, "settings": row})
+    titles = {}
+    for run in runs:   # reports and pages key runs by title: two runs under one title would mix
+        if run["title"] in titles:
+            raise UserError(f"params.yaml: runs '{titles[run['title']]}' and '{run['name']}' have the same title "
+                            f"{run['title']!r}; give each run its own title")
+        titles[run["title"]] = run["name"]
     main = P.get(params, "runs.main", str)
     names = [run["name"] for run in runs]
     if main not in names:

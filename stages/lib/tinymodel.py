@@ -146,8 +146,8 @@ def pretrain(model_dir, samples, instruction, *, steps, learning_rate, batch_siz
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    model = AutoModelForImageTextToText.from_pretrained(str(model_dir))
-    processor = AutoProcessor.from_pretrained(str(model_dir))
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), trust_remote_code=False)
+    processor = AutoProcessor.from_pretrained(str(model_dir), trust_remote_code=False)
     collator = DataCollatorForVisionLanguageModeling(processor, completion_only_loss=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, min(warmup_steps, steps // 10), steps)

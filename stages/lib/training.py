@@ -366,6 +366,39 @@ def check_row_lengths(base_dir, rows, config):
                         "max_seq_length, or use a model with a longer context")
 
 
+def last_complete_checkpoint(checkpoint_dir):
+    """The newest checkpoint-N that was written to the end (its trainer_state.json, the Trainer's last
+    file, is whole JSON), or None. A run killed while writing checkpoint-N leaves it incomplete:
+    resuming goes on from the one before."""
+    import json
+    import re
+
+    found = []
+    for folder in Path(checkpoint_dir).glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", folder.name)
+        if match and folder.is_dir():
+            found.append((int(match.group(1)), folder))
+    for step, folder in sorted(found, reverse=True):
+        try:
+            json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+            return str(folder)
+        except (OSError, ValueError):
+            print(f"note: {folder} is incomplete (the run stopped while writing it): resuming from an earlier one")
+    return None
+
+
+def sort_adapter_config(folder):
+    """peft writes target_modules from a set, in a different order each run: sorted, identical training
+    gives an identical adapter_config.json (and `dvc status` sees no change)."""
+    import json
+
+    path = Path(folder) / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 class LiveCallback:
     """dvclive logging inside a stage (no dvc.yaml rewrite, no experiment): train loss at every
     logging step, eval_loss at every evaluation, x = the trainer's global step."""
@@ -505,7 +538,7 @@ def load_for_training(config, base_dir, backend):
 
         model, _ = FastVisionModel.from_pretrained(str(base_dir), load_in_4bit=config["load_in_4bit"],
                                                    max_seq_length=unsloth_max_seq_length(config, base_dir),
-                                                   use_gradient_checkpointing="unsloth")
+                                                   use_gradient_checkpointing="unsloth", trust_remote_code=False)
         # explicit full-name targets; the finetune_* flags are already applied by lora_targets (left
         # True here, unsloth would otherwise filter the list again through its own regex)
         model = FastVisionModel.get_peft_model(
@@ -575,18 +608,17 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
     backend = choose_backend(config)
     import_unsloth_first(backend)
     import torch
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
 
     from .images import load_image
-    from .io import atomic_dir, read_json
+    from .io import MARKER, MARKER_TEXT, atomic_dir, check_replaceable, read_json
     from .metrics import bootstrap_intervals, corpus_cer, score_pairs
     from .modeling import generation_budget, read_images
     from .runtime import peaks, reset_peaks
 
     reset_peaks()  # the run's own peak memory (a search or the curve trains several times in one process)
     checkpoint_dir = Path(checkpoint_dir or f"{output_dir}.checkpoints")
-    last = get_last_checkpoint(str(checkpoint_dir)) if resume and checkpoint_dir.is_dir() else None
+    last = last_complete_checkpoint(checkpoint_dir) if resume and checkpoint_dir.is_dir() else None
     args = sft_config(config, checkpoint_dir, backend)
     main = args.process_index == 0
     # main_process_first starts the process group (gloo on CPUs, NCCL on GPUs) and holds the other
@@ -596,9 +628,11 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
             if resume and last is None:
                 print(f"note: no checkpoint in {checkpoint_dir}: starting from the beginning")
             if not last and checkpoint_dir.exists():
+                check_replaceable(checkpoint_dir)   # a folder the stage wrote, never one of the user's
                 shutil.rmtree(checkpoint_dir)
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             (checkpoint_dir / ".gitignore").write_text("*\n")  # never committed; deleted after a finished run
+            (checkpoint_dir / MARKER).write_text(MARKER_TEXT)
 
     check_row_lengths(base_dir, train_rows + val_rows, config)   # before the model is loaded
     torch.manual_seed(config["seed"])
@@ -662,8 +696,9 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
                                                                    max_new_tokens=budget, stats=cut_base))
         metrics.update(val_max_new_tokens=budget, val_truncated=cut.get("truncated", 0),
                        val_truncated_base=cut_base.get("truncated", 0))
-    with atomic_dir(output_dir) as tmp:
+    with atomic_dir(output_dir, inputs=[base_dir]) as tmp:
         model.save_pretrained(tmp)
+        sort_adapter_config(tmp)
         processor.save_pretrained(tmp)
         saved = read_json(Path(tmp) / "adapter_config.json")   # what the artifact says, not what we asked for
         metrics.update(adapter_r=saved.get("r"), adapter_lora_alpha=saved.get("lora_alpha"))

@@ -44,7 +44,7 @@ function cmp(s, a, b) {   // CER(a) - CER(b), or NaN when either is missing
 }
 
 function esc(text) {
-  return String(text).replace(/[&<>"]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
+  return String(text).replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 }
 
 // Python's opcodes count code points; Array.from splits a string the same way (not UTF-16 units).
@@ -77,8 +77,8 @@ function prediction(s, run) {
                  .map(f => `<span class="tag flag" title="failure mode">${esc(f.replace(/_/g, " "))}</span>`).join("");
   const conf = typeof r.k === "number" ? ` · confidence <span class="conf">${esc(r.k.toFixed(3))}</span>` : "";
   return `<div class="text">${diffHTML(s.label, r.p, r.d)}</div>` +
-         `<div class="figs">CER <span class="cer" data-run="${esc(run)}" data-value="${r.c}">${fmt(r.c)}</span>` +
-         ` · F1 <span class="f1" data-run="${esc(run)}" data-value="${r.f}">${fmt(r.f)}</span>${conf}${tags}</div>`;
+         `<div class="figs">CER <span class="cer" data-run="${esc(run)}" data-value="${esc(r.c)}">${fmt(r.c)}</span>` +
+         ` · F1 <span class="f1" data-run="${esc(run)}" data-value="${esc(r.f)}">${fmt(r.f)}</span>${conf}${tags}</div>`;
 }
 
 function image(s) {
@@ -180,8 +180,8 @@ function move(step) {
 function fillControls() {
   $("runs").innerHTML = "<tr><th>run</th><th>CER</th><th>F1</th><th>scored</th><th>failed</th><th>truncated</th></tr>" +
     RUNS.map(r => `<tr data-run="${esc(r.name)}"><td>${esc(r.title)}</td><td class="num">${fmt(r.overall_cer)}</td>` +
-      `<td class="num">${fmt(r.overall_f1)}</td><td class="num">${r.scored_samples ?? "n/a"}</td>` +
-      `<td class="num">${r.failed_samples ?? "n/a"}</td><td class="num">${r.truncated_predictions ?? "n/a"}</td></tr>`).join("");
+      `<td class="num">${fmt(r.overall_f1)}</td><td class="num">${esc(r.scored_samples ?? "n/a")}</td>` +
+      `<td class="num">${esc(r.failed_samples ?? "n/a")}</td><td class="num">${esc(r.truncated_predictions ?? "n/a")}</td></tr>`).join("");
   $("filter").innerHTML = Object.entries(FILTERS).map(([k, [text]]) => `<option value="${k}">${esc(text)}</option>`).join("");
   $("sort").innerHTML = '<option value="order">input order</option>' +
     RUNS.map(r => `<option value="cer:${esc(r.name)}:desc">${esc(r.title)}: CER, highest first</option>` +

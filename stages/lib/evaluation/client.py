@@ -19,6 +19,7 @@ samples already done and redoes only the missing and the failed ones.
 """
 import json
 import math
+import os
 import random
 import threading
 import time
@@ -29,8 +30,18 @@ from tqdm import tqdm
 
 from .. import metrics
 from ..images import ImageError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, clean_text, loads_clean
 from ..prompt import chat_messages
+
+
+# An OpenAI-compatible server that needs a key gets it from this environment variable, as a Bearer
+# token: never from a flag, a param or the URL (those end up in results files, logs and dvc.lock).
+API_KEY_ENV = "OCR_API_KEY"
+
+
+def auth_headers():
+    key = os.environ.get(API_KEY_ENV, "").strip()
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 class SampleError(Exception):
@@ -111,6 +122,7 @@ class ChatClient:
         if session is None:
             session = self._local.session = requests.Session()
             session.headers["Content-Type"] = "application/json"
+            session.headers.update(auth_headers())
             with self._sessions_lock:
                 self._sessions.append(session)
         return session
@@ -199,15 +211,22 @@ class ChatClient:
                 raise TypeError("content is not a string")
         except (ValueError, KeyError, IndexError, TypeError) as err:
             return None, f"malformed reply ({type(err).__name__}): {response.text[:120].strip()}", False
-        usage = reply.get("usage") or {}
-        outcome = {"prediction": content, "completion_tokens": usage.get("completion_tokens"),
-                   "prompt_tokens": usage.get("prompt_tokens"), "finish_reason": choice.get("finish_reason"),
+        usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
+        finish = choice.get("finish_reason")
+        outcome = {"prediction": clean_text(content), "completion_tokens": count_or_none(usage.get("completion_tokens")),
+                   "prompt_tokens": count_or_none(usage.get("prompt_tokens")),
+                   "finish_reason": clean_text(finish) if isinstance(finish, str) else None,
                    "latency_s": round(latency, 4), "attempts": attempt + 1}
         if self.logprobs:
             outcome["confidence"] = mean_logprob(choice)
         if len(self.endpoints.urls) > 1:
             outcome["endpoint"] = endpoint.removesuffix("/v1/chat/completions")
         return outcome, None, True
+
+
+def count_or_none(value):
+    """A token count from a reply: a non-negative int, else None (a server may send "12" or null)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def mean_logprob(choice):
@@ -254,7 +273,7 @@ def load_previous(path, fingerprint):
     say so); a file that cannot be read is treated as absent."""
     try:
         with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+            doc = loads_clean(f.read())
     except (OSError, ValueError):
         return {}
     if not isinstance(doc, dict) or not isinstance(doc.get("samples"), list):

@@ -28,9 +28,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from urllib.parse import urlsplit
+
 import requests
 
 from ..cli import UserError
+from .client import API_KEY_ENV, auth_headers
 
 ENGINES = ("auto", "transformers", "vllm")
 PR_SET_PDEATHSIG = 1
@@ -64,6 +67,9 @@ def base_url(url):
             url = url[: -len(suffix)]
     if not url.startswith(("http://", "https://")):
         raise UserError(f"--vllm-url: '{url}' is not an http(s) URL (e.g. http://HOST:PORT/v1/chat/completions)")
+    if "@" in urlsplit(url).netloc:   # user:key@host would be stored in every results file and log
+        raise UserError(f"--vllm-url: the URL holds credentials (user:key@host); put the key in ${API_KEY_ENV} "
+                        "instead (sent as a Bearer token, never written anywhere)")
     return url
 
 
@@ -84,6 +90,22 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# Arguments the stage sets itself and evaluate.server_args may not change: the managed server listens
+# on 127.0.0.1 only, on the port we picked, and never runs code from the model folder.
+RESERVED_ARGS = ("--host", "--port", "--trust-remote-code", "--uds")
+
+
+def check_server_args(extra_args):
+    """One line naming the first reserved argument in evaluate.server_args (as `--host X` or `--host=X`)."""
+    for arg in extra_args:
+        name = str(arg).split("=", 1)[0]
+        if name in RESERVED_ARGS:
+            raise UserError(f"params.yaml: 'evaluate.server_args' may not hold {name}: the stage serves on 127.0.0.1 "
+                            f"and a free port of its own, never running a model folder's code (stages reserve "
+                            f"{', '.join(RESERVED_ARGS)}); to serve elsewhere, start the server yourself and "
+                            "pass --vllm-url")
 
 
 def transformers_serve_takes(flag):
@@ -113,6 +135,7 @@ def image_server_args(engine, image):
 def server_command(engine, model_dir, port, model_name, extra_args=()):
     """The command line that serves `model_dir` under `model_name` on 127.0.0.1:port, plus the
     user's extra arguments (e.g. vLLM's --max-model-len, transformers' --dtype)."""
+    check_server_args(extra_args)
     if engine == "vllm":
         exe = shutil.which("vllm")
         if exe is None:
@@ -205,7 +228,7 @@ def run_server(cmd, url, startup_timeout, env=None, keep=None):
 def served_models(url, timeout=10):
     """The server's GET /v1/models answer (a dict), or a UserError saying why there is none."""
     try:
-        response = requests.get(f"{url}/v1/models", timeout=timeout)
+        response = requests.get(f"{url}/v1/models", timeout=timeout, headers=auth_headers())
         response.raise_for_status()
         models = response.json()
     except (requests.RequestException, ValueError) as err:

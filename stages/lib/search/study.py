@@ -38,14 +38,41 @@ def say(line):
 
 # ---------------------------------------------------------------- storage
 
-def safe_url(url):
-    """The URL with its password hidden (for messages)."""
-    try:
-        from sqlalchemy.engine import make_url
+def _credentials(url):
+    """(scheme, user:password, rest) of scheme://user:password@host/db. The credentials end at the
+    LAST '@' (a password may hold '@', ':' or '/'; a parser that stops at the first '@' shows the
+    rest of the password as the host)."""
+    scheme, sep, rest = str(url).partition("://")
+    if not sep or "@" not in rest:
+        return scheme, None, rest
+    creds, _, host = rest.rpartition("@")
+    return scheme, creds, host
 
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparseable storage URL>"
+
+def safe_url(url):
+    """The URL with its password hidden (for messages): scheme://user:***@host/db."""
+    scheme, creds, rest = _credentials(url)
+    if creds is None:
+        return str(url) if "://" in str(url) else "<unparseable storage URL>"
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{rest}"
+
+
+def _password(url):
+    _, creds, _ = _credentials(url)
+    return creds.split(":", 1)[1] if creds and ":" in creds else ""
+
+
+def check_url_password(url, where):
+    """A raw '@' in the password: the URL parser would cut the password there and hand its tail to the
+    driver as a host name (which the driver then prints). One line, showing nothing of it."""
+    if "@" in _password(url):
+        raise UserError(f"{where}: the password holds '@'; write it URL-encoded (%40) in {safe_url(url)}")
+
+
+def scrub(text, url):
+    """A driver's message with the URL's password hidden."""
+    password = _password(url)
+    return text.replace(password, "***") if password else text
 
 
 def default_storage(out_dir):
@@ -59,6 +86,7 @@ def storage_url(out_dir, cli_storage=None):
 
     env = os.environ.get(STORAGE_ENV, "").strip()
     if env:
+        check_url_password(env, f"${STORAGE_ENV}")
         return env
     if cli_storage:
         try:
@@ -93,10 +121,10 @@ def open_storage(url):
     try:
         return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120, **kwargs)
     except ImportError as err:
-        raise UserError(f"storage {safe_url(url)}: driver missing ({err}); use postgresql+psycopg2://...") from None
+        raise UserError(f"storage {safe_url(url)}: driver missing ({scrub(str(err), url)}); use postgresql+psycopg2://...") from None
     except Exception as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"storage {safe_url(url)}: cannot open ({reason})") from None
+        raise UserError(f"storage {safe_url(url)}: cannot open ({scrub(reason, url)})") from None
 
 
 # ---------------------------------------------------------------- the study
