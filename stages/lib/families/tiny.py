@@ -1,0 +1,87 @@
+"""What the tiny test models of every family share: a character-level tokenizer (one token per
+character, byte fallback, the family's special tokens first), the family's chat template (TRL
+ships the checkpoints' templates), and the processor files written as transformers 5 saves them.
+
+The processor files are written from the image processor's own to_dict, not through the
+family's Processor class: Gemma 4's and Qwen3-VL's processors also hold a video processor that
+needs torchvision, which has no CPU build here (PyPI's wheels are CUDA builds that do not load
+beside the CPU torch), so those processors cannot be built or loaded on this machine.
+"""
+import json
+from pathlib import Path
+
+# Characters the chat templates and processors themselves write.
+TEMPLATE_CHARS = "\n abcdefghijklmnopqrstuvwxyz_:|<>/"
+
+
+def chat_template(name):
+    import trl
+
+    return (Path(trl.__file__).parent / "chat_templates" / name).read_text(encoding="utf-8")
+
+
+def char_tokenizer(alphabet, specials, template, **kwargs):
+    """A fast tokenizer: `specials` (ids 0..), 256 byte tokens, one token per character."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for ch in sorted(set(alphabet) | set(TEMPLATE_CHARS)):
+        vocab.setdefault(ch, len(vocab))
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=kwargs.get("unk_token"), byte_fallback=True))
+    core.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    core.add_special_tokens(list(specials))
+    return PreTrainedTokenizerFast(tokenizer_object=core, padding_side="right", chat_template=template, **kwargs)
+
+
+def save_processor_files(folder, tokenizer, image_processor, processor_class, **extra):
+    """tokenizer files, chat_template.jinja and processor_config.json ({"image_processor": ...,
+    "processor_class": ..., **extra}), the files a transformers 5 Processor.save_pretrained writes."""
+    folder = Path(folder)
+    tokenizer.save_pretrained(str(folder))
+    settings = {k: v for k, v in image_processor.to_dict().items() if not k.startswith("_")}
+    doc = {"image_processor": settings, **extra, "processor_class": processor_class}
+    (folder / "processor_config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def saved_keys(folder):
+    from safetensors import safe_open
+
+    keys = []
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:   # the header only
+            keys += list(f.keys())
+    return keys
+
+
+def unplaced_keys(family, keys):
+    """The saved tensor names a family's vLLM 0.33.0 loader cannot place. Each name goes through the
+    family's VLLM_WEIGHT_PREFIXES as vLLM's WeightsMapper applies them (in order, every matching
+    prefix, not only the first) and must then start with one of its VLLM_MODULES."""
+    odd = []
+    for key in keys:
+        mapped = key
+        for old, new in family.VLLM_WEIGHT_PREFIXES:
+            if mapped.startswith(old):
+                mapped = new + mapped[len(old):]
+        if not mapped.startswith(family.VLLM_MODULES):
+            odd.append(key)
+    return sorted(odd)
+
+
+def vllm_layout_problems(family, folder):
+    odd = unplaced_keys(family, saved_keys(folder))
+    return [f"{len(odd)} tensors vLLM's {family.TITLE} loader cannot place (first: {odd[0]})"] if odd else []
+
+
+def check_saved_layout(family, folder):
+    """For families whose checkpoints are in the layout transformers saves: nothing to rewrite, only
+    to check (UserError when a tensor would not load). Returns {"renamed": 0, "dropped": []}."""
+    from ..cli import UserError
+
+    problems = vllm_layout_problems(family, folder)
+    if problems:
+        raise UserError(f"{folder}: not in the {family.TITLE} layout vLLM loads: {'; '.join(problems)}")
+    return {"renamed": 0, "dropped": []}
