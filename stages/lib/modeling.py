@@ -46,7 +46,14 @@ def resolve_base_dir(base_dir=BASE_DIR):
 def load_processor(path):
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(str(path))
+    try:
+        return AutoProcessor.from_pretrained(str(path))
+    except ImportError as e:   # Gemma 4 / Qwen3-VL processors hold a video processor built on torchvision
+        if "torchvision" not in str(e).lower():
+            raise
+        raise UserError(f"{path}: this model's processor needs torchvision, which is not installed (its video "
+                        "processor; PyPI has only CUDA builds of torchvision: use the GPU set, "
+                        "requirements-gpu.txt)") from None
 
 
 def load_model(path, *, load_in_4bit=False, dtype=None):
@@ -78,9 +85,12 @@ def context_length(model_dir):
 
 
 def prompt_length(model_dir, tokenizer, instruction):
-    """Tokens before the answer: the image's soft tokens plus the templated instruction (an upper bound)."""
+    """Tokens before the answer: the image's soft tokens (the most the family's resolution settings
+    allow, stages/lib/families/) plus the templated instruction (an upper bound)."""
+    from .families import family_of, resolution_settings
+
     config = read_json(Path(model_dir) / "config.json")
-    image_tokens = config.get("mm_tokens_per_image") or 256
+    image_tokens = family_of(model_dir).image_tokens(config, resolution_settings(model_dir))
     return image_tokens + len(tokenizer(instruction, add_special_tokens=False)["input_ids"]) + 16
 
 

@@ -1,4 +1,4 @@
-"""LoRA supervised fine-tuning of a Gemma 3 VLM on OCR rows: used by the train and search stages.
+"""LoRA supervised fine-tuning of a VLM (a family of stages/lib/families/) on OCR rows: used by the train and search stages.
 
 Contract (signatures are stable):
   training_config(params, overrides=None) -> dict
@@ -165,19 +165,24 @@ def choose_backend(config):
     return backend
 
 
-def lora_targets(model, config):
-    """Full names of the Linear layers LoRA wraps: the towers and module kinds the finetune_* flags pick."""
+def lora_targets(model, config, family):
+    """Full names of the Linear layers LoRA wraps: the family's towers (stages/lib/families/) and
+    module kinds the finetune_* flags pick; not those inside the fully trained MODULES_TO_SAVE."""
     import torch
 
     kinds = set()
     if config["finetune_attention_modules"]:
-        kinds |= {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj"}
+        kinds |= set(family.ATTENTION_MODULES)
     if config["finetune_mlp_modules"]:
-        kinds |= {"gate_proj", "up_proj", "down_proj", "fc1", "fc2"}
-    towers = [t for t, on in (("vision_tower", config["finetune_vision_layers"]),
-                              ("language_model", config["finetune_language_layers"])) if on]
+        kinds |= set(family.MLP_MODULES)
+    towers = [t for t, on in ((family.VISION_TOWER, config["finetune_vision_layers"]),
+                              (family.LANGUAGE_MODEL, config["finetune_language_layers"])) if on]
+    def kind(name):   # Gemma 4's vision tower wraps its Linear layers: q_proj.linear
+        return name.removesuffix(family.LINEAR_WRAPPED).rsplit(".", 1)[-1]
+
     names = [name for name, module in model.named_modules()
-             if name.rsplit(".", 1)[-1] in kinds and any(f".{t}." in f".{name}" for t in towers)
+             if kind(name) in kinds and any(f".{t}." in f".{name}" for t in towers)
+             and not any(f".{m}." in f".{name}" for m in family.MODULES_TO_SAVE)
              and (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Linear4bit")]
     if not names:
         raise UserError("params.yaml: the finetune_* flags select no Linear layer of this model")
@@ -268,6 +273,9 @@ def load_for_training(config, base_dir, backend):
 
     from .modeling import load_model, load_processor
 
+    from .families import family_of
+
+    family = family_of(base_dir)
     processor = load_processor(base_dir)
     if backend == "unsloth":
         from unsloth import FastVisionModel
@@ -288,7 +296,7 @@ def load_for_training(config, base_dir, backend):
     if config["load_in_4bit"]:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=torch.cuda.is_available())
     lora = LoraConfig(r=config["lora_r"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
-                      target_modules=lora_targets(model, config), modules_to_save=["multi_modal_projector"],
+                      target_modules=lora_targets(model, config, family), modules_to_save=list(family.MODULES_TO_SAVE),
                       bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora), processor
 

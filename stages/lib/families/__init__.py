@@ -6,6 +6,7 @@ Each family module (gemma3.py, gemma4.py, qwen3_vl.py) has the same small interf
     STOP_TOKENS                          the tokens that end a chat answer (generation config, parity)
     VISION_TOWER, LANGUAGE_MODEL         module names of the two towers (LoRA's vision/language split)
     ATTENTION_MODULES, MLP_MODULES       Linear leaf names LoRA may wrap in each
+    LINEAR_WRAPPED                       suffix of a Linear inside a wrapper module of such a name ("" if none)
     MODULES_TO_SAVE                      trained fully beside LoRA (the projector between the towers)
     IMAGE_SETTINGS                       {image processor setting: what it does}: the resolution params,
                                          the same names in `vllm serve --mm-processor-kwargs`

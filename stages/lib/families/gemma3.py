@@ -16,6 +16,7 @@ VISION_TOWER, LANGUAGE_MODEL = "vision_tower", "language_model"
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj")   # SigLIP: out_proj
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2")         # SigLIP: fc1, fc2
 # A bare parameter (mm_input_projection_weight): LoRA cannot reach it, so it trains fully.
+LINEAR_WRAPPED = ""
 MODULES_TO_SAVE = ("multi_modal_projector",)
 IMAGE_SETTINGS = {
     "do_pan_and_scan": "crop pages into tiles beside the whole image (each crop: mm_tokens_per_image more tokens)",

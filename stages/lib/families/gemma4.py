@@ -20,6 +20,7 @@ VISION_TOWER, LANGUAGE_MODEL = "vision_tower", "language_model"
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 # The projector into the language model (embed_vision.embedding_projection, a Linear outside both towers).
+LINEAR_WRAPPED = ".linear"   # vision: q_proj is a Gemma4ClippableLinear around q_proj.linear
 MODULES_TO_SAVE = ("embed_vision",)
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 IMAGE_SETTINGS = {"max_soft_tokens": f"soft tokens per image, one of {SOFT_TOKEN_BUDGETS} (aspect ratio kept)"}
@@ -53,8 +54,8 @@ def build_tiny(output_dir, alphabet, *, seed=0, max_soft_tokens=70, text_hidden_
     """An untrained tiny Gemma 4 with the real processor settings (patch 16, pooling 3, the soft-token
     budget), Gemma 4's chat template and special tokens; hidden sizes tiny, no audio tower."""
     import torch
-    from transformers import (Gemma4Config, Gemma4ForConditionalGeneration, Gemma4ImageProcessorPil,
-                              Gemma4TextConfig, Gemma4VisionConfig, GenerationConfig)
+    from transformers import (Gemma4AudioFeatureExtractor, Gemma4Config, Gemma4ForConditionalGeneration,
+                              Gemma4ImageProcessorPil, Gemma4TextConfig, Gemma4VisionConfig, GenerationConfig)
 
     tokenizer = tiny.char_tokenizer(
         alphabet, SPECIALS, tiny.chat_template(CHAT_TEMPLATE), bos_token="<bos>", eos_token="<eos>",
@@ -82,6 +83,8 @@ def build_tiny(output_dir, alphabet, *, seed=0, max_soft_tokens=70, text_hidden_
     image_processor = Gemma4ImageProcessorPil(max_soft_tokens=max_soft_tokens, patch_size=16, pooling_kernel_size=3)
     model.save_pretrained(str(output_dir))
     tiny.save_processor_files(output_dir, tokenizer, image_processor, "Gemma4Processor",
+                              feature_extractor=tiny.settings_of(Gemma4AudioFeatureExtractor()),
+                              video_processor={"video_processor_type": "Gemma4VideoProcessor"},
                               image_seq_length=max_soft_tokens, audio_seq_length=750, audio_ms_per_token=40)
     return output_dir
 

@@ -23,8 +23,10 @@ STOP_TOKENS = ("<|im_end|>",)
 VISION_TOWER, LANGUAGE_MODEL = "visual", "language_model"
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv", "proj")     # vision: attn.qkv, attn.proj
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj", "linear_fc1", "linear_fc2")  # vision and mergers: linear_fc*
-# The mergers (projectors into the language model) sit inside `visual`: trained fully beside LoRA.
-MODULES_TO_SAVE = ("visual.merger", "visual.deepstack_merger_list")
+LINEAR_WRAPPED = ""
+# The merger (the projector into the language model) sits inside `visual`: trained fully beside LoRA.
+# The deepstack mergers (a ModuleList, which peft's modules_to_save refuses) get LoRA like the tower.
+MODULES_TO_SAVE = ("visual.merger",)
 IMAGE_SETTINGS = {
     "min_pixels": "fewest pixels an image is resized to (size.shortest_edge)",
     "max_pixels": "most pixels an image is resized to (size.longest_edge); tokens = pixels / 32^2",
@@ -87,7 +89,8 @@ def build_tiny(output_dir, alphabet, *, seed=0, min_pixels=128 * 128, max_pixels
                                                min_pixels=min_pixels, max_pixels=max_pixels,
                                                image_mean=[0.5] * 3, image_std=[0.5] * 3)
     model.save_pretrained(str(output_dir))
-    tiny.save_processor_files(output_dir, tokenizer, image_processor, "Qwen3VLProcessor")
+    video = {"video_processor_type": "Qwen3VLVideoProcessor", "patch_size": 16, "merge_size": 2, "temporal_patch_size": 2}
+    tiny.save_processor_files(output_dir, tokenizer, image_processor, "Qwen3VLProcessor", video_processor=video)
     return output_dir
 
 

@@ -2,10 +2,11 @@
 character, byte fallback, the family's special tokens first), the family's chat template (TRL
 ships the checkpoints' templates), and the processor files written as transformers 5 saves them.
 
-The processor files are written from the image processor's own to_dict, not through the
-family's Processor class: Gemma 4's and Qwen3-VL's processors also hold a video processor that
-needs torchvision, which has no CPU build here (PyPI's wheels are CUDA builds that do not load
-beside the CPU torch), so those processors cannot be built or loaded on this machine.
+The processor files are written from the sub-processors' own settings, not through the family's
+Processor class: Gemma 4's and Qwen3-VL's processors also hold a video processor that needs
+torchvision, which has no CPU build here (PyPI's wheels are CUDA builds that do not load beside
+the CPU torch), so those processors cannot be built or loaded on this machine; the video
+processor is named with its type only (its defaults apply where torchvision is installed).
 """
 import json
 from pathlib import Path
@@ -36,13 +37,17 @@ def char_tokenizer(alphabet, specials, template, **kwargs):
     return PreTrainedTokenizerFast(tokenizer_object=core, padding_side="right", chat_template=template, **kwargs)
 
 
+def settings_of(sub_processor):
+    """What save_pretrained writes for an image processor or feature extractor (its to_json_string)."""
+    return {k: v for k, v in json.loads(sub_processor.to_json_string()).items() if not k.startswith("_")}
+
+
 def save_processor_files(folder, tokenizer, image_processor, processor_class, **extra):
     """tokenizer files, chat_template.jinja and processor_config.json ({"image_processor": ...,
     "processor_class": ..., **extra}), the files a transformers 5 Processor.save_pretrained writes."""
     folder = Path(folder)
     tokenizer.save_pretrained(str(folder))
-    settings = {k: v for k, v in image_processor.to_dict().items() if not k.startswith("_")}
-    doc = {"image_processor": settings, **extra, "processor_class": processor_class}
+    doc = {"image_processor": settings_of(image_processor), **extra, "processor_class": processor_class}
     (folder / "processor_config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
