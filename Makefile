@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test bench readme clean-venv
+TEST_STAMP := $(VENV)/.setup-test-done
+
+.PHONY: setup setup-test repro test bench readme clean-venv
 
 setup: $(STAMP)
 
@@ -13,11 +15,17 @@ $(STAMP): requirements.txt requirements-gpu.txt tools/setup.sh
 	bash tools/setup.sh
 	touch $(STAMP)
 
+setup-test: $(TEST_STAMP)   # system packages only the tests need (chromium, postgresql)
+
+$(TEST_STAMP): $(STAMP) tools/setup.sh
+	bash tools/setup.sh --test
+	touch $(TEST_STAMP)
+
 repro: setup
 	$(BIN)/dvc repro
 	@cat metrics/summary.md 2>/dev/null || true
 
-test: setup
+test: setup setup-test
 	$(BIN)/python -m pytest -q tests
 
 bench: setup

@@ -48,9 +48,10 @@ from .lib.evaluation.engines import ENGINES as OCR_ENGINES, load_engine
 from .lib.evaluation.client import ChatClient, load_previous, run_samples
 from .lib.images import ImageError, content_hash, page_count, split_ref
 from .lib.io import atomic_write_json, read_split
+from .lib.modeling import IMAGE_PARAMS, image_settings
 from .lib.prompt import user_turn
-from .lib.evaluation.serving import (Server, base_url, check_model_served, managed_server, pick_engine, served_ids,
-                                     served_models)
+from .lib.evaluation.serving import (Server, base_url, check_model_served, image_server_args, managed_server,
+                                     pick_engine, served_ids, served_models)
 
 ENGINES = ("auto", "transformers", "vllm", *OCR_ENGINES)
 
@@ -72,7 +73,7 @@ def top_k_arg(text):
 COMMON_KEYS = ("workers", "save_interval", "timeout", "top_k", "max_failure_rate")
 MODEL_KEYS = ("engine", "url", "replicas", "max_retries", "max_tokens", "stop", "retry_backoff", "startup_timeout",
               "server_args")
-MODEL_PARAMS = ["instruction", *(f"evaluate.{k}" for k in COMMON_KEYS + MODEL_KEYS)]
+MODEL_PARAMS = ["instruction", IMAGE_PARAMS, *(f"evaluate.{k}" for k in COMMON_KEYS + MODEL_KEYS)]
 ENGINE_PARAMS = [f"evaluate.{k}" for k in COMMON_KEYS]
 
 
@@ -121,6 +122,7 @@ def parse_args(argv):
         args.engine_settings = load_engine(args.engine).settings(params)
     else:
         args.max_tokens = max_tokens_arg(args.max_tokens, "params.yaml: 'evaluate.max_tokens'")
+        args.image = image_settings(params)   # the processor settings training used: the servers get them too
         args.stop = get("stop", list)
         if not all(isinstance(s, str) and s for s in args.stop):
             raise UserError(f"params.yaml: 'evaluate.stop' must be a list of non-empty strings, got {args.stop!r}")
@@ -240,7 +242,7 @@ def model_servers(args, folder):
         return
     engine = pick_engine(args.engine)
     # vLLM balances over its own data-parallel ranks behind one URL; transformers serve is one model per process.
-    extra = list(args.server_args)
+    extra = list(args.server_args) + image_server_args(engine, args.image)
     if engine == "vllm" and args.replicas > 1 and "--data-parallel-size" not in extra:
         extra += ["--data-parallel-size", str(args.replicas)]
     count = 1 if engine == "vllm" else args.replicas
@@ -290,7 +292,8 @@ def evaluate(args, samples, predict, identity, model_name, server_info, generati
         log = f"; the server's log: {', '.join(logs)}"
         print(f"evaluate: {failed} samples failed{log}", file=sys.stderr)
     if truncated:
-        print(f"warning: {truncated} of {len(records)} predictions were cut by max_tokens {generation['max_tokens']} "
+        limit = generation["max_tokens"] or "the server's limit"
+        print(f"warning: {truncated} of {len(records)} predictions were cut by max_tokens {limit} "
               "(finish_reason 'length'): raise evaluate.max_tokens or set it to 'auto'", file=sys.stderr)
     if status == "failed":
         common, count = Counter(r["error"] for r in records if "error" in r).most_common(1)[0]
@@ -309,9 +312,10 @@ def figure_text(doc):
 def auto_max_tokens(folder, samples, instruction):
     """evaluate.max_tokens 'auto': the longest tokenized label of the data, with a margin, capped by the
     model's context (stages/lib/modeling.generation_budget, the rule training's validation uses)."""
-    if folder is None:
-        raise UserError("evaluate.max_tokens 'auto' needs the model folder's tokenizer: with --vllm-url pass "
-                        "--max-tokens N")
+    if folder is None:   # an external server (the seed's command): no tokenizer here to measure labels with
+        print("evaluate: max_tokens auto with --vllm-url: none sent, the server's limit applies (the model's "
+              "context); answers it cuts are counted as truncated (finish_reason 'length')", file=sys.stderr)
+        return None
     from transformers import AutoTokenizer
 
     from .lib.modeling import generation_budget
@@ -352,7 +356,7 @@ def main(argv=None):
                         "model": server.model_name, "served": served_ids(server.models)}
         else:
             identity = {"engine": server.engine, "folder": str(Path(args.model_dir)), "server_args": args.server_args,
-                        "files": folder_identity(folder)}
+                        "image": args.image, "files": folder_identity(folder)}
         info = {"engine": server.engine, "url": server.url, "urls": urls, "managed": server.engine != "external",
                 "models": server.models}
         try:

@@ -41,10 +41,10 @@ from .lib import params as P
 from .lib.cli import UserError, run_main
 from .lib.families import family_of
 from .lib.io import atomic_dir, atomic_write_json, read_split
-from .lib.modeling import free_memory, load_processor, resolve_base_dir
+from .lib.modeling import IMAGE_PARAMS, free_memory, image_settings, load_processor, resolve_base_dir
 
 SERIF = "NotoSerifCJK-Regular.ttc:Noto Serif CJK TC"
-PARAMS = ["instruction", "backend", "val_ratio", "seed"]
+PARAMS = ["instruction", "backend", "val_ratio", "seed", IMAGE_PARAMS]
 
 
 def parse_args(argv):
@@ -57,7 +57,8 @@ def parse_args(argv):
     ap.add_argument("--samples", type=int, default=4, help="images in the parity check")
     ap.add_argument("--max-new-tokens", type=int, default=32, help="greedy steps compared per image")
     ap.add_argument("--dtype", choices=M.DTYPES, default="auto",
-                    help="merge dtype: auto = bf16 (fp16 on GPUs without bf16); float32 only for exact checks")
+                    help="merge dtype: auto = bf16 (on GPUs without bf16: float32 for Gemma 3, which vLLM refuses in "
+                         "float16); float32 also for exact checks")
     ap.add_argument("--tolerance", type=float, default=None, help="relative logit tolerance (default: per dtype)")
     ap.add_argument("--keep-free-gb", type=float, default=1.0, help="disk space to leave free after the merge")
     args = ap.parse_args(argv)
@@ -87,11 +88,12 @@ def parity_images(rows_path, n, val_ratio, seed):
     return [load_image(row["image_path"]) for row in rows[:n]]
 
 
-def find_processor(adapter_dir, base_dir):
-    """Training saves the processor (tokenizer, image processor, chat template) beside the adapter."""
+def find_processor(adapter_dir, base_dir, image):
+    """Training saves the processor (tokenizer, image processor, chat template) beside the adapter;
+    params `image:` applied (the settings the parity check reads with and the merged folder records)."""
     for folder in (adapter_dir, base_dir):
         try:
-            return load_processor(folder)
+            return load_processor(folder, image)
         except (OSError, ValueError, KeyError):
             continue
     raise UserError(f"{adapter_dir}: no processor files here nor in {base_dir} (tokenizer, image processor)")
@@ -102,6 +104,7 @@ def main(argv=None):
     params = P.load_params(PARAMS)
     instruction, backend = P.get(params, "instruction", str), P.get(params, "backend", str)
     val_ratio, seed = P.get(params, "val_ratio", float, minimum=0.0), P.get(params, "seed", int)
+    image = image_settings(params)
 
     # Pre-flight, before anything heavy: inputs, then disk space.
     from .lib.training import choose_backend
@@ -110,7 +113,7 @@ def main(argv=None):
     base_config = M.check_base(base_dir)
     family = family_of(base_dir)   # an unsupported model_type stops here, before anything heavy
     M.note_trained_base(M.read_adapter(args.adapter), base_dir)
-    dtype_name, torch_dtype = M.pick_dtype(args.dtype)
+    dtype_name, torch_dtype = M.pick_dtype(args.dtype, base_config.get("model_type"))
     tolerance = args.tolerance or M.TOLERANCE[dtype_name]
     size = M.merged_size_bytes(base_dir, torch_dtype.itemsize)
     M.check_free_space(args.out, size, args.keep_free_gb)
@@ -119,7 +122,7 @@ def main(argv=None):
     if note:
         print(f"merge: {note}")
     images = parity_images(args.rows, args.samples, val_ratio, seed)
-    processor = find_processor(args.adapter, base_dir)
+    processor = find_processor(args.adapter, base_dir, image)
 
     start = time.time()
     M.return_freed_memory()
@@ -144,7 +147,7 @@ def main(argv=None):
             raise UserError(f"{args.out}: not in the layout vLLM loads: {'; '.join(problems)}")
         # 3. Parity: the folder as a server will load it, processor included, with no missing or extra keys.
         merged = M.load_base(tmp, torch_dtype, strict=True)
-        runs = M.greedy_with_logits(merged, load_processor(tmp), images, instruction,
+        runs = M.greedy_with_logits(merged, load_processor(tmp, image), images, instruction,
                                     args.max_new_tokens, family.STOP_TOKENS)
         architectures = merged.config.architectures
         del merged
@@ -152,7 +155,8 @@ def main(argv=None):
         passed, mismatches, near_ties, gap = M.judge(reference, runs, tolerance)
         metrics = {
             "passed": passed, "backend": backend, "dtype": dtype_name, "saved_dtype": saved_dtype,
-            "architectures": architectures, "family": family.MODEL_TYPE, "layout": layout, "samples": len(images), "max_new_tokens": args.max_new_tokens,
+            "architectures": architectures, "family": family.MODEL_TYPE, "layout": layout, "image": image,
+            "samples": len(images), "max_new_tokens": args.max_new_tokens,
             "greedy_mismatches": mismatches, "greedy_near_ties": near_ties, "max_relative_logit_gap": gap, "tolerance": tolerance,
             **figures, "merged_size_bytes": size, "seconds": round(time.time() - start, 1),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "files": files,

@@ -63,7 +63,8 @@ from .lib.search import study as S
 from .lib.cli import UserError, run_main
 from .lib.io import read_split
 from .lib.search.space import MODES, PRUNERS, corners, grid_size, parse_space, read_config
-from .lib.training import LAUNCH_KEYS, TRAINING_FIELDS, TRAINING_KEYS
+from .lib.modeling import IMAGE_PARAMS
+from .lib.training import LAUNCH_KEYS, TRAINING_FIELDS, TRAINING_KEYS, demo_value_warnings
 
 OUT_DIR = "models/search"
 INPUT = "data/input/ocr_non_test.json"
@@ -71,7 +72,7 @@ BEST_PARAMS = f"{OUT_DIR}/best_params.json"
 # the fixed training config of every trial, and the search's own. Not num_processes (LAUNCH_KEYS): trials
 # run in this process (or in search.workers processes), each single-process, so changing it re-runs train only.
 SEARCH_TRAINING_KEYS = [k for k in TRAINING_KEYS if k not in LAUNCH_KEYS]
-PARAMS = ["search", *SEARCH_TRAINING_KEYS]
+PARAMS = ["search", *SEARCH_TRAINING_KEYS, IMAGE_PARAMS]
 
 
 def parse_args(argv, params):
@@ -223,6 +224,8 @@ def main(argv=None):
         return join(args, params)
     started = time.monotonic()
     settings = read_settings(params, args)
+    for warning in demo_value_warnings(settings["fixed"], settings["specs"]):
+        S.say(warning)
     workers = P.get(params, "search.workers", int, minimum=1)
     seed = P.get(params, "search.seed", int)
     out_dir = Path(args.base_output_dir)

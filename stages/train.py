@@ -31,14 +31,14 @@ from .lib import launch
 from .lib.cli import UserError, run_main
 from .lib.io import atomic_write_json, read_split
 from .lib.modeling import resolve_base_dir
-from .lib.training import TRAINING_KEYS, choose_backend, run_training, split_train_val, training_config
+from .lib.training import TRAINING_PARAMS, choose_backend, demo_value_warnings, run_training, split_train_val, training_config
 
 NON_TEST = "data/input/ocr_non_test.json"
 OUT_DIR = "models/lora"
 CHECKPOINTS = "models/checkpoints/train"
 LIVE_DIR = "plots/train"
 METRICS = "metrics/train.json"
-PARAMS = list(TRAINING_KEYS)
+PARAMS = list(TRAINING_PARAMS)
 
 
 def main(argv=None):
@@ -56,6 +56,9 @@ def main(argv=None):
     params = P.load_params(PARAMS)
     config = training_config(params, {"report_to": args.report_to} if args.report_to else None)
     backend = choose_backend(config)  # refuses unsloth without CUDA, 4-bit on the CPU
+    if not launch.is_worker():
+        for warning in demo_value_warnings(config):
+            print(warning, file=sys.stderr)
     base_dir = resolve_base_dir(args.base_dir)
     train_rows, val_rows = split_train_val(read_split(args.non_test), config["val_ratio"], config["seed"])
     n, worker = config["num_processes"], launch.is_worker()
@@ -76,6 +79,9 @@ def main(argv=None):
         return
     metrics["trained_with"] = config
     atomic_write_json(args.metrics, metrics)
+    if metrics["cut_rows"]:
+        print(f"warning: {metrics['cut_rows']} training/validation rows were longer than max_seq_length "
+              f"{config['max_seq_length']} and trained on their start only (metrics cut_rows)", file=sys.stderr)
     print(f"train: eval_loss {metrics['eval_loss']:.4f}, validation CER {metrics['val_cer']:.4f} "
           f"(base {metrics['val_cer_base']:.4f}), {metrics['runtime_s']} s -> {args.output}")
 

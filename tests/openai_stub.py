@@ -3,7 +3,7 @@
 It answers each image with its label (so a reply that lands on the wrong sample shows up as a
 wrong prediction) and injects, per label, a scripted list of faults for successive attempts:
 "500", "400", "drop" (close the connection without a reply), "malformed" (200 with broken JSON),
-"slow" (reply after `slow_s`, past the client's timeout). Faults a real server cannot be made
+"slow" (reply after `slow_s`, past the client's timeout), "length" (finish_reason length). Faults a real server cannot be made
 to produce on demand; everything else is tested against a real `transformers serve`.
 """
 import json
@@ -98,9 +98,9 @@ class Stub:
                     return self._send(200, b'{"choices": [{"message": ', "application/json")
                 if fault == "slow":
                     time.sleep(stub.slow_s)
-                try:
+                try:   # "length": the answer the server's own limit cut (the model's context when no max_tokens)
                     self._send(200, {"id": "x", "object": "chat.completion", "model": stub.model,
-                                     "choices": [{"index": 0, "finish_reason": "stop",
+                                     "choices": [{"index": 0, "finish_reason": "length" if fault == "length" else "stop",
                                                   "message": {"role": "assistant", "content": text}}],
                                      "usage": {"prompt_tokens": 10, "completion_tokens": max(1, len(text)),
                                                "total_tokens": 10 + len(text)}})

@@ -145,12 +145,26 @@ def test_bad_input_gives_one_line_errors(tiny_rows, tmp_path):
     line = one_line_error(run_evaluate("--vllm-url", stub.url, "--max-tokens", 32, "--data-file", data,
                                        "--output-file", tmp_path / "o.json"))
     assert "/v1/models: no usable answer" in line
-    line = one_line_error(run_evaluate("--vllm-url", stub.url, "--data-file", data, "--output-file", tmp_path / "o.json"))
-    assert "max_tokens 'auto' needs the model folder's tokenizer" in line   # no tokenizer to measure labels with
 
     line = one_line_error(run_evaluate("--model-dir", tmp_path, "--data-file", data, "--output-file", tmp_path / "o.json"))
     assert "not a model folder" in line
     assert not (tmp_path / "o.json").exists()   # nothing half-written
+
+
+def test_the_seeds_command_runs_without_max_tokens(tiny_rows, tmp_path):
+    """The original's flags against a running server, no --max-tokens: none is sent (the server's limit,
+    the model's context, applies) and an answer the server cut (finish_reason length) is counted."""
+    rows = tiny_rows[:3]
+    data, out = write_rows(tmp_path / "rows.json", rows), tmp_path / "o.json"
+    with Stub(answers_for(rows), {rows[0]["ocr_text"]: ["length"]}) as stub:
+        done = run_evaluate("--vllm-url", f"{stub.url}/v1/chat/completions", "--data-file", data,
+                            "--output-file", out, "--workers", 4, "--save-interval", 50)
+        assert done.returncode == 0, done.stderr
+        assert len(stub.payloads) == 3 and not any("max_tokens" in p for p in stub.payloads)
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    assert doc["generation"]["max_tokens"] is None
+    assert [r["finish_reason"] for r in doc["samples"]].count("length") == 1
+    assert "1 truncated" in done.stdout and "cut by max_tokens the server's limit" in done.stderr
 
 
 def test_tesseract_engine_uses_the_same_format(tiny_rows, tmp_path):

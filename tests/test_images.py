@@ -2,7 +2,7 @@
 a user's scans come in (issue 13).
 
 Each case is a real file written by Pillow in that format. For each, the pixels that training gets
-(training.ocr_examples), that a served model is sent (the client's request body, decoded as the
+(training.OcrCollator.read_image), that a served model is sent (the client's request body, decoded as the
 server decodes it), that an engine is given (png_bytes of the loader), that merge parity reads and
 that the report embeds are compared: they must be identical, and right (upright, paper white).
 """
@@ -89,9 +89,9 @@ def pixels(image):
 
 def every_consumer(ref):
     """{consumer: RGB pixels} for one image reference, each taken the way that consumer takes it."""
-    from stages.lib.training import ocr_examples
+    from stages.lib.training import OcrCollator
 
-    trained = ocr_examples([{"image_path": str(ref), "ocr_text": "x"}], INSTRUCTION)[0]["images"][0]
+    trained = OcrCollator.read_image({"image_path": str(ref), "ocr_text": "x"})
     body = json.loads(ChatClient("http://127.0.0.1:1", "m", INSTRUCTION, max_tokens=8).body(str(ref)))
     sent = next(part for part in body["messages"][0]["content"] if part["type"] == "image_url")["image_url"]["url"]
     engine = Image.open(io.BytesIO(images.png_bytes(images.load_image(str(ref)))))

@@ -89,6 +89,20 @@ def test_parity_passes_and_is_sensitive(merged):
     assert m["vision_lora_effect"] > 5 * m["tolerance"] and m["adapter_effect"] > 5 * m["tolerance"]
 
 
+def test_merged_files_are_readable_by_other_users(merged):
+    folder, _ = merged
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir() if p.is_file()}
+    assert set(modes.values()) == {"0o644"}, modes
+
+
+def test_gemma3_is_never_merged_in_float16():
+    # vLLM refuses float16 for Gemma 3: auto is bf16 (float32 on a GPU without bf16), float16 refused
+    assert M.pick_dtype("auto", "gemma3")[0] == "bfloat16"   # a CPU: bf16
+    with pytest.raises(UserError, match="vLLM does not serve gemma3 in float16"):
+        M.pick_dtype("float16", "gemma3")
+    assert M.pick_dtype("float16", "llama")[0] == "float16"
+
+
 def test_unsloth_merges_only_a_base_stored_in_the_merge_dtype(merged, tiny_base_dir):
     # unsloth's merged save keeps the base's stored dtype (seen on an H200 with the float32 tiny base)
     folder, _ = merged

@@ -12,7 +12,7 @@ from stages.lib.cli import UserError
 from stages.lib.params import load_params
 from stages.lib.modeling import load_processor
 from stages.lib.prompt import DEFAULT_INSTRUCTION
-from stages.lib.training import load_for_training, ocr_examples, run_training, split_train_val, training_config
+from stages.lib.training import OcrCollator, load_for_training, run_training, split_train_val, training_config
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTRUCTION = DEFAULT_INSTRUCTION
@@ -26,10 +26,7 @@ def small_config(**overrides):
 
 
 def collated(processor, rows):
-    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
-
-    collator = DataCollatorForVisionLanguageModeling(processor, completion_only_loss=True)
-    return collator(ocr_examples(rows, INSTRUCTION))
+    return OcrCollator(processor, INSTRUCTION)(rows)
 
 
 def test_labels_cover_only_the_answer(tiny_base_dir, tiny_rows):

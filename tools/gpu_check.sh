@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# A short check of the GPU code paths on a CUDA machine, through the same stage code the pipeline runs:
-#   1. train with unsloth (16-bit LoRA), 2. merge that adapter with backend unsloth (unsloth's
-#   merged save for a base stored in the merge dtype; the float32 tiny base goes to peft, and the
-#   log says so), 3. train with unsloth 4-bit QLoRA, 4. train with transformers + peft on CUDA
-#   (bf16), 5. train with transformers + bitsandbytes 4-bit, 6. merge the peft adapter with peft
-#   on CUDA (the merge stage checks parity for both merges).
-# Each run is short (params below); its metrics JSON and log land in OUTDIR. A step that fails is
-# reported and the others still run; the exit status is the number of failed steps.
+# A short check of the GPU code paths on a CUDA machine, through the same stage code the pipeline runs,
+# on a tiny Gemma 3 in the real shape (896 px, 14 px patches, 256 image tokens) with pan-and-scan on:
+#   1. compare: the same 4 rows through unsloth and transformers + peft, 16-bit and 4-bit
+#      (tools/compare_backends.py): sequence lengths, image tokens, pixel tensors, labels and
+#      trainable modules/parameter counts must be identical; the forward losses are reported;
+#   2. train with unsloth 16-bit LoRA, then 3. merge that adapter (backend unsloth);
+#   4. train with unsloth 4-bit QLoRA;
+#   5. train with transformers + peft (bf16), then 6. merge it with peft;
+#   7. train with transformers + bitsandbytes 4-bit.
+# The merge stage checks parity (greedy outputs and logits) for both merges. Each step's metrics
+# JSON and log land in OUTDIR. A failed step is reported and the others still run; the exit status
+# is the number of failed steps.
 #
-# Usage, from the project root, after `make repro` built models/base and data/ (or copy them here):
+# Usage, from the project root (nothing in the project is changed; each step runs in a temp folder
+# with its own params.yaml):
 #   bash tools/gpu_check.sh OUTDIR
-# STEP_TIMEOUT (seconds, default 900) bounds each step; STEPS="unsloth_bf16 merge_unsloth" runs
-# only those. Nothing in the project is changed: each step runs in a temporary folder with its own
-# params.yaml.
+# STEP_TIMEOUT (seconds, default 900) bounds each step; STEPS="compare unsloth_bf16" runs only those.
+# DRY_RUN=1 prints each step's params and command line instead of running it (no GPU needed:
+# tests/test_gpu_check.py parses every printed command with the stage's own argument parser).
 set -uo pipefail
 
 out=$(realpath -m "${1:-gpu_check}")
@@ -24,9 +29,13 @@ export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1  # nothing is downloaded; n
 # and new batch shapes recompiled (H200), so a 60-step check ran out of time. Set it to 0 to check that too.
 export UNSLOTH_COMPILE_DISABLE=${UNSLOTH_COMPILE_DISABLE:-1}
 python=$(realpath -s "$(command -v "${PYTHON:-python3}")")  # absolute: steps run elsewhere
+dry=${DRY_RUN:-}
+fixture="$out/fixture"
+image='{"do_pan_and_scan": true, "pan_and_scan_max_num_crops": 4, "pan_and_scan_min_crop_size": 256, "pan_and_scan_min_ratio_to_activate": 1.2}'
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-"$python" - <<'EOF' | tee -a "$out/gpu.txt"
+if [ -z "$dry" ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+    "$python" - <<'EOF' | tee -a "$out/gpu.txt"
 import importlib.metadata as md
 for name in ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth",
              "unsloth_zoo", "vllm"):
@@ -35,18 +44,24 @@ for name in ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "
     except md.PackageNotFoundError:
         print(f"{name} not installed")
 EOF
+    [ -d "$fixture/base" ] || "$python" tools/compare_backends.py fixture "$fixture" || exit 1
+fi
 
 failed=0
-adapters=$(mktemp -d)  # trained adapters, for the merge step
-trap 'rm -rf "$adapters"' EXIT
+adapters="$out/adapters"  # trained adapters, for the merge steps
+mkdir -p "$adapters"
 # step NAME KEY=VALUE... -- COMMAND...: run COMMAND in a fresh folder whose params.yaml has KEY=VALUE set.
 step() {
     local name=$1; shift
     if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return; fi
     local sets=()
     while [ "$1" != "--" ]; do sets+=("$1"); shift; done; shift
+    if [ -n "$dry" ]; then
+        printf 'DRY\t%s\t' "$name"; [ ${#sets[@]} -eq 0 ] || printf '%q ' "${sets[@]}"
+        printf '\t'; printf '%q ' "$@"; printf '\n'
+        return
+    fi
     local work; work=$(mktemp -d)
-    ln -s "$repo/data" "$work/data"
     "$python" - "$repo/params.yaml" "$work/params.yaml" "${sets[@]}" <<'EOF'
 import sys, yaml
 params = yaml.safe_load(open(sys.argv[1], encoding="utf-8"))
@@ -63,28 +78,37 @@ EOF
         echo "   FAILED in $((SECONDS - start)) s; last lines of $out/$name.log:"; tail -n 15 "$out/$name.log" | sed 's/^/   | /'
         failed=$((failed + 1))
     fi
-    [ -d "$work/adapter" ] && mv "$work/adapter" "$adapters/$name"
+    [ -d "$work/adapter" ] && rm -rf "${adapters:?}/$name" && mv "$work/adapter" "$adapters/$name"
     rm -rf "$work"
 }
 
-train=(-m stages.train --base-dir "$repo/models/base" --best-params none --live-dir "" --output adapter
+compare=("$repo/tools/compare_backends.py")
+runs=()
+for bits in 16 4; do
+    for backend in transformers unsloth; do
+        step "compare_${backend}_${bits}" -- "$python" "${compare[@]}" one "$backend" "$bits" "$fixture/base" \
+            "$fixture/rows.json" "$out/compare_${backend}_${bits}.json" --image "$image"
+        runs+=("$out/compare_${backend}_${bits}.json")
+    done
+done
+step compare -- "$python" "${compare[@]}" compare "${runs[@]}"
+
+train=(-m stages.train --base-dir "$fixture/base" --non-test "$fixture/rows.json" --live-dir "" --output adapter
        --checkpoints checkpoints)
-short=(num_train_epochs=5 eval_steps=20)
+short=(num_train_epochs=3 per_device_train_batch_size=2 eval_steps=4 logging_steps=1 val_ratio=0.25
+       learning_rate=2.0e-4 "image=$image")
+merge=(-m stages.merge --base "$fixture/base" --rows "$fixture/rows.json" --samples 2 --max-new-tokens 8 --out merged)
 step unsloth_bf16 backend=unsloth load_in_4bit=false "${short[@]}" -- \
     "$python" "${train[@]}" --metrics "$out/train_unsloth_bf16.json"
-if [ -d "$adapters/unsloth_bf16" ]; then
-    step merge_unsloth backend=unsloth -- "$python" -m stages.merge --base "$repo/models/base" \
-        --adapter "$adapters/unsloth_bf16" --out merged --metrics "$out/merge_unsloth.json"
-fi
+step merge_unsloth backend=unsloth "image=$image" -- \
+    "$python" "${merge[@]}" --adapter "$adapters/unsloth_bf16" --metrics "$out/merge_unsloth.json"
 step unsloth_4bit backend=unsloth load_in_4bit=true "${short[@]}" -- \
     "$python" "${train[@]}" --metrics "$out/train_unsloth_4bit.json"
 step transformers_bf16 backend=transformers load_in_4bit=false "${short[@]}" -- \
     "$python" "${train[@]}" --metrics "$out/train_transformers_bf16.json"
+step merge_peft backend=transformers "image=$image" -- \
+    "$python" "${merge[@]}" --adapter "$adapters/transformers_bf16" --metrics "$out/merge_peft.json"
 step transformers_4bit backend=transformers load_in_4bit=true "${short[@]}" -- \
     "$python" "${train[@]}" --metrics "$out/train_transformers_4bit.json"
-if [ -d "$adapters/transformers_bf16" ]; then
-    step merge_peft backend=transformers -- "$python" -m stages.merge --base "$repo/models/base" \
-        --adapter "$adapters/transformers_bf16" --out merged --metrics "$out/merge_peft.json"
-fi
-echo "failed steps: $failed (logs and metrics in $out)"
+[ -n "$dry" ] || echo "failed steps: $failed (logs and metrics in $out)"
 exit "$failed"

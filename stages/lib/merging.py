@@ -44,13 +44,31 @@ def return_freed_memory():
         pass
 
 
-def pick_dtype(name):
-    """'auto' -> bf16 where the device supports it, else fp16. Never 4-bit: merging needs real weights."""
+# Model types vLLM refuses to serve in float16 (Gemma 3: activations overflow float16; vLLM 0.33.0's
+# Gemma 3 config rejects it). Their merges are bf16, else float32.
+NO_FLOAT16 = ("gemma3",)
+
+
+def pick_dtype(name, model_type="gemma3"):
+    """'auto' -> bf16 where the device supports it (CPUs: yes), else float16 only for a family vLLM
+    serves in float16 and float32 for the others (Gemma 3). Never 4-bit: merging needs real weights."""
     import torch
 
+    no_fp16 = model_type in NO_FLOAT16
+    if name == "float16" and no_fp16:
+        raise UserError(f"--dtype float16: vLLM does not serve {model_type} in float16 (use bfloat16 or float32)")
     if name == "auto":
-        name = "float16" if torch.cuda.is_available() and not torch.cuda.is_bf16_supported() else "bfloat16"
+        bf16 = not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+        name = "bfloat16" if bf16 else ("float32" if no_fp16 else "float16")
     return name, getattr(torch, name)
+
+
+def make_readable(folder):
+    """Mode 0644 for every file of a model folder: a server running as another user must read them
+    (temp files and safetensors shards written through mkstemp are 0600)."""
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            path.chmod(0o644)
 
 
 # ---------------------------------------------------------------- pre-flight checks (no torch)
@@ -366,4 +384,5 @@ def finish_folder(out_dir, base_config, processor, family):
     # a chat answer ends with the family's end-of-turn (Gemma 3: <end_of_turn>), not <eos>
     generation.eos_token_id = list(dict.fromkeys(eos + stop_token_ids(tokenizer, family.STOP_TOKENS)))
     generation.save_pretrained(str(out_dir))
+    make_readable(out_dir)
     return sorted(p.name for p in out_dir.iterdir())

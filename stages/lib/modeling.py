@@ -43,17 +43,54 @@ def resolve_base_dir(base_dir=BASE_DIR):
     return base_dir
 
 
-def load_processor(path):
+# params.yaml `image:`: the model family's own image settings (Gemma 3: pan-and-scan and its limits),
+# declared once and applied to the processor wherever one is loaded for reading pages.
+IMAGE_PARAMS = "image"
+
+
+def image_settings(params):
+    """params.yaml `image:` as processor settings {name: value} ({} when absent or null). Each name
+    must be a setting of the model's image processor (checked when a processor is loaded)."""
+    value = params.get(IMAGE_PARAMS) if isinstance(params, dict) else None
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise UserError(f"params.yaml: '{IMAGE_PARAMS}' must be a mapping of image processor settings, got {value!r}")
+    return dict(value)
+
+
+def apply_image_settings(processor, image, where="params.yaml"):
+    """Apply the image settings to a loaded processor; refuses a name its image processor lacks.
+
+    Two places, both needed (transformers 5.24, measured): the processor's own `images_kwargs`
+    (Gemma3Processor's class defaults, do_pan_and_scan False, override the image processor's
+    attributes on every call), and the image processor's attributes (what save_pretrained writes to
+    processor_config.json: the settings recorded with the model). A server is told them separately
+    (stages/evaluate.py: `transformers serve --chat-template-kwargs`, `vllm serve --mm-processor-kwargs`)."""
+    target = getattr(processor, "image_processor", None)
+    for key, value in (image or {}).items():
+        if target is None or not hasattr(target, key):
+            raise UserError(f"{where}: '{IMAGE_PARAMS}.{key}' is not a setting of this model's image processor "
+                            f"({type(target).__name__}): remove it or use the family's own name")
+        setattr(target, key, value)
+    if image:
+        processor.images_kwargs = {**getattr(processor, "images_kwargs", {}), **image}
+    return processor
+
+
+def load_processor(path, image=None):
+    """AutoProcessor of a local folder, with the `image` settings (image_settings) applied."""
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(str(path))
+        processor = AutoProcessor.from_pretrained(str(path))
     except ImportError as e:   # Gemma 4 / Qwen3-VL processors hold a video processor built on torchvision
         if "torchvision" not in str(e).lower():
             raise
         raise UserError(f"{path}: this model's processor needs torchvision, which is not installed (its video "
                         "processor; PyPI has only CUDA builds of torchvision: use the GPU set, "
                         "requirements-gpu.txt)") from None
+    return apply_image_settings(processor, image)
 
 
 def load_model(path, *, load_in_4bit=False, dtype=None):

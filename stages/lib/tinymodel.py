@@ -62,14 +62,24 @@ def build_tokenizer(alphabet):
     )
 
 
+# Real Gemma 3 checkpoints (4b/12b/27b): 896 px, 14 px patches (64x64), pooled 4x4 into 256 image
+# tokens, mean/std 0.5, a long context. real_shape=True builds that shape with tiny hidden sizes: the
+# processor, token counts, pan-and-scan crops and pixel tensors are those of a real checkpoint.
+REAL_SHAPE = {"image_size": 896, "patch": 14, "tokens_per_image": 256, "norm": 0.5, "context": 8192}
+
+
 def build_tiny_model(output_dir, alphabet, *, seed=0, image_size=128, text_hidden_size=128,
-                     text_layers=2, vision_hidden_size=128, vision_layers=2):
-    """Save an untrained tiny Gemma3ForConditionalGeneration + processor to output_dir."""
+                     text_layers=2, vision_hidden_size=128, vision_layers=2, real_shape=False):
+    """Save an untrained tiny Gemma3ForConditionalGeneration + processor to output_dir.
+    real_shape: Gemma 3's real image geometry (REAL_SHAPE; image_size is then ignored)."""
     import torch
     from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil,
                               Gemma3Processor, Gemma3TextConfig, GenerationConfig, SiglipVisionConfig)
 
-    patch, tokens_per_image = 32, 16
+    patch, tokens_per_image, norm, context = 32, 16, 1.0, 1024
+    if real_shape:
+        image_size, patch, tokens_per_image, norm, context = (REAL_SHAPE[k] for k in (
+            "image_size", "patch", "tokens_per_image", "norm", "context"))
     if image_size % patch or (image_size // patch) ** 2 % tokens_per_image:
         raise ValueError(f"image_size must be a multiple of {patch} giving a multiple of 4 patches per side")
     tokenizer = build_tokenizer(alphabet)
@@ -78,7 +88,7 @@ def build_tiny_model(output_dir, alphabet, *, seed=0, image_size=128, text_hidde
     text_config = Gemma3TextConfig(
         vocab_size=len(tokenizer), hidden_size=text_hidden_size, intermediate_size=4 * text_hidden_size,
         num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-        head_dim=32, query_pre_attn_scalar=32, max_position_embeddings=1024, sliding_window=512,
+        head_dim=32, query_pre_attn_scalar=32, max_position_embeddings=context, sliding_window=512,
         pad_token_id=ids[PAD], eos_token_id=ids[EOS], bos_token_id=ids[BOS],
     )
     vision_config = SiglipVisionConfig(
@@ -102,8 +112,8 @@ def build_tiny_model(output_dir, alphabet, *, seed=0, image_size=128, text_hidde
         do_sample=False, max_new_tokens=64,
     )
     image_processor = Gemma3ImageProcessorPil(
-        size={"height": image_size, "width": image_size}, image_mean=[1.0, 1.0, 1.0],
-        image_std=[1.0, 1.0, 1.0], do_pan_and_scan=False, do_convert_rgb=True,
+        size={"height": image_size, "width": image_size}, image_mean=[norm] * 3,
+        image_std=[norm] * 3, do_pan_and_scan=False, do_convert_rgb=True,
     )
     processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
                                 chat_template=chat_template(), image_seq_length=tokens_per_image)
@@ -114,7 +124,7 @@ def build_tiny_model(output_dir, alphabet, *, seed=0, image_size=128, text_hidde
     processor.save_pretrained(output_dir)
     (output_dir / "tiny_model.json").write_text(json.dumps({
         "seed": seed, "image_size": image_size, "text_hidden_size": text_hidden_size, "text_layers": text_layers,
-        "vision_hidden_size": vision_hidden_size, "vision_layers": vision_layers,
+        "vision_hidden_size": vision_hidden_size, "vision_layers": vision_layers, "real_shape": real_shape,
         "vocab_size": len(tokenizer), "parameters": sum(p.numel() for p in model.parameters()),
     }, indent=2) + "\n", encoding="utf-8")
     return output_dir

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from . import params as P
 from .cli import UserError
+from .modeling import IMAGE_PARAMS, image_settings
 
 BACKENDS = ("auto", "unsloth", "transformers")
 
@@ -86,6 +87,8 @@ LAUNCH_KEYS = ("num_processes",)
 
 TRAINING_FIELDS = {f.name: f for f in fields(TrainingConfig)}
 TRAINING_KEYS = tuple(TRAINING_FIELDS)
+# What the train and search stages read from params.yaml: the training keys and the image settings.
+TRAINING_PARAMS = (*TRAINING_KEYS, IMAGE_PARAMS)
 
 
 def field_type(f):
@@ -119,7 +122,29 @@ def training_config(params, overrides=None):
                         "of the batch)")
     if not (config["finetune_attention_modules"] or config["finetune_mlp_modules"]):
         raise UserError("params.yaml: 'finetune_attention_modules' and 'finetune_mlp_modules' are both false (nothing to train)")
+    config["image"] = image_settings(params)   # params `image:` (stages/lib/modeling.py), not searchable
     return config
+
+
+# Values for the 1.4 M-parameter demo base (trained from random init) that LoRA on a real 4B-27B
+# checkpoint does not take: an order of magnitude too hot or too long (the README's real-checkpoint
+# command uses the original project's: learning rate 2e-4, 5 epochs, batch 1, gradient accumulation 4).
+DEMO_LIMITS = {"learning_rate": 1.0e-3, "num_train_epochs": 10}
+
+
+def demo_value_warnings(config, space=None):
+    """Warnings (strings) when a real checkpoint (model_name not 'tiny') gets the demo's values:
+    a learning rate >= 1e-3 or more than 10 epochs, in the config or at the top of the search space."""
+    if config["model_name"] == "tiny":
+        return []
+    found = {key: config[key] for key in DEMO_LIMITS if config[key] >= DEMO_LIMITS[key]}
+    for key, spec in (space or {}).items():
+        high = spec.get("high", max(spec.get("choices") or [0], default=0)) if isinstance(spec, dict) else None
+        if key in DEMO_LIMITS and isinstance(high, (int, float)) and high >= DEMO_LIMITS[key]:
+            found[f"search.space.{key} up to"] = high
+    return [f"warning: {key} {value:g} with the real checkpoint '{config['model_name']}': that is the tiny demo's "
+            f"value (LoRA on a real checkpoint: learning_rate ~2e-4, 2-5 epochs; see the README's GPU command)"
+            for key, value in found.items()]
 
 
 def split_train_val(rows, val_ratio, seed):
@@ -189,25 +214,112 @@ def lora_targets(model, config, family):
     return names
 
 
-def ocr_examples(rows, instruction):
-    """TRL conversational prompt/completion rows (stages/lib/prompt.py), images read by the one loader
-    (stages/lib/images.py), so training sees the pixels evaluation sends."""
-    from .images import load_image
-    from .prompt import training_example
-
-    return [training_example(load_image(r["image_path"]), r["ocr_text"], instruction) for r in rows]
+# Per-token keys the processor returns beside input_ids (Gemma 3: token_type_ids marks image tokens);
+# every other key it returns (pixel_values, a family's image grid or crop counts) is per image.
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 
 
-def check_max_length(processor, dataset, max_length):
-    """max_seq_length keeps the start of a sequence: refuse one that would cut the prompt (image tokens)."""
-    if max_length is None:
-        return
-    row = dataset[0]
-    text = processor.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
-    prompt_len = processor(text=[text], images=[row["images"]], add_special_tokens=False)["input_ids"]
-    if max_length <= len(prompt_len[0]):
-        raise UserError(f"params.yaml: 'max_seq_length' {max_length} would cut the prompt of {len(prompt_len[0])} "
-                        "tokens, image tokens included (raise it, or null for no limit)")
+class OcrCollator:
+    """The one batch builder of both backends (transformers + peft, and unsloth: unsloth supplies the
+    model and its kernels, never the pixels or the masking), of the validation loss, and of
+    tools/gpu_check.sh's comparison.
+
+        collator = OcrCollator(processor, instruction, max_seq_length)   # processor: load_processor(dir, image)
+        batch = collator(rows)   # rows: split rows {"image_path", "ocr_text", ...} -> dict of tensors
+        collator.cut_rows        # image_path of every row whose answer was cut at max_seq_length
+
+    Each row: the image read by the one loader (stages/lib/images.py), the prompt of
+    stages/lib/prompt.py through the processor with its image settings (params `image:`, applied by
+    load_processor), then the answer as the chat template writes it (its end-of-turn included).
+    labels are -100 except on the answer tokens: the loss falls on the answer only. Right-padded.
+    A row longer than max_seq_length keeps its start and is counted in cut_rows (never silently);
+    one whose prompt alone reaches it (image tokens would be cut) is refused with a UserError."""
+
+    def __init__(self, processor, instruction, max_seq_length=None):
+        from .prompt import generation_prompt, user_turn
+
+        self.processor, self.max_seq_length = processor, max_seq_length
+        self.prompt = generation_prompt(processor, instruction)
+        self._turn = user_turn(instruction)
+        self.cut_rows = set()
+
+    @staticmethod
+    def read_image(row):
+        """The row's image, by the one loader: the pixels a served model is sent (stages/lib/prompt.py)."""
+        from .images import load_image
+
+        return load_image(row["image_path"])
+
+    def answer_text(self, text):
+        """The answer as the chat template writes it after the prompt (e.g. 'TEXT<end_of_turn>\n')."""
+        full = self.processor.apply_chat_template(
+            [self._turn, {"role": "assistant", "content": [{"type": "text", "text": text}]}], tokenize=False)
+        if not full.startswith(self.prompt):
+            raise UserError("the chat template does not write the answer after the generation prompt: "
+                            "training and evaluation would see different prompts")
+        return full[len(self.prompt):]
+
+    def encode(self, row):
+        """One row: {key: tensor} with sequence keys of shape [length] and the per-image keys as the
+        processor returns them, plus labels and prompt_length."""
+        import torch
+
+        inputs = self.processor(text=[self.prompt], images=[[self.read_image(row)]], return_tensors="pt",
+                                add_special_tokens=False)
+        answer = self.processor.tokenizer(self.answer_text(row["ocr_text"]), add_special_tokens=False,
+                                          return_tensors="pt")["input_ids"][0]
+        prompt_length = inputs["input_ids"].shape[1]
+        out = {"prompt_length": prompt_length}
+        for key, value in inputs.items():
+            if key in SEQUENCE_KEYS:
+                tail = answer if key == "input_ids" else torch.full_like(answer, int(key == "attention_mask"))
+                out[key] = torch.cat([value[0], tail])
+            else:
+                out[key] = value
+        out["labels"] = torch.cat([torch.full((prompt_length,), -100, dtype=answer.dtype), answer])
+        limit = self.max_seq_length
+        if limit is not None and len(out["input_ids"]) > limit:
+            if prompt_length >= limit:
+                raise UserError(f"params.yaml: 'max_seq_length' {limit} would cut the prompt of "
+                                f"'{row['image_path']}' ({prompt_length} tokens, image tokens included): raise it")
+            self.cut_rows.add(row["image_path"])
+            for key in (*SEQUENCE_KEYS, "labels"):
+                if key in out:
+                    out[key] = out[key][:limit]
+        return out
+
+    def __call__(self, rows):
+        import torch
+
+        encoded = [self.encode(row) for row in rows]
+        width = max(len(e["input_ids"]) for e in encoded)
+        pad_id = self.processor.tokenizer.pad_token_id
+        batch = {}
+        for key in encoded[0]:
+            if key == "prompt_length":
+                continue
+            if key in SEQUENCE_KEYS or key == "labels":
+                fill = {"input_ids": pad_id, "labels": -100}.get(key, 0)
+                batch[key] = torch.stack([torch.cat([e[key], torch.full((width - len(e[key]),), fill,
+                                                                         dtype=e[key].dtype)]) for e in encoded])
+            else:
+                batch[key] = torch.cat([e[key] for e in encoded])
+        return batch
+
+
+def trainable_modules(model, family):
+    """{module group: trainable parameter count}, grouped by what they are: 'lora:vision_tower',
+    'lora:language_model', 'multi_modal_projector' (modules_to_save), ... (the family's names,
+    stages/lib/families/). The same on both backends."""
+    groups = (*family.MODULES_TO_SAVE, family.VISION_TOWER, family.LANGUAGE_MODEL)
+    counts = defaultdict(int)
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        group = next((g for g in groups if f".{g}." in f".{name}."), "other")
+        lora = any(p.startswith("lora_") for p in name.split("."))
+        counts[f"lora:{group}" if lora else group] += param.numel()
+    return dict(sorted(counts.items()))
 
 
 def check_row_lengths(base_dir, rows, config):
@@ -261,33 +373,43 @@ class LiveCallback:
 
 
 def import_unsloth_first(backend):
-    """unsloth patches trl, transformers and peft when imported, so it must come before them: its
-    SFTTrainer is the one that takes our plain list of conversations (trl's own refuses a list)."""
+    """unsloth patches trl, transformers and peft when imported, so it must come before them."""
     if backend == "unsloth":
         import unsloth  # noqa: F401
 
 
+def unsloth_max_seq_length(config, base_dir):
+    """What unsloth is told (FastVisionModel.from_pretrained max_seq_length, default 2048, which its
+    trainer otherwise caps args.max_length to): max_seq_length, or the model's context when null."""
+    from .modeling import context_length
+
+    return config["max_seq_length"] or context_length(base_dir) or 131072
+
+
 def load_for_training(config, base_dir, backend):
-    """(model with LoRA adapters, processor) for the chosen backend."""
+    """(model with LoRA adapters, processor) for the chosen backend. The processor is ours on both
+    (load_processor with the `image` settings); the LoRA targets (lora_targets) and the family's
+    MODULES_TO_SAVE (the projector, trained fully) are the same on both: params alone decide what trains."""
     import torch
 
+    from .families import family_of
     from .modeling import load_model, load_processor
 
-    from .families import family_of
-
     family = family_of(base_dir)
-    processor = load_processor(base_dir)
+    processor = load_processor(base_dir, config.get("image"))
     if backend == "unsloth":
         from unsloth import FastVisionModel
 
         model, _ = FastVisionModel.from_pretrained(str(base_dir), load_in_4bit=config["load_in_4bit"],
+                                                   max_seq_length=unsloth_max_seq_length(config, base_dir),
                                                    use_gradient_checkpointing="unsloth")
+        # explicit full-name targets; the finetune_* flags are already applied by lora_targets (left
+        # True here, unsloth would otherwise filter the list again through its own regex)
         model = FastVisionModel.get_peft_model(
             model, r=config["lora_r"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
-            finetune_vision_layers=config["finetune_vision_layers"],
-            finetune_language_layers=config["finetune_language_layers"],
-            finetune_attention_modules=config["finetune_attention_modules"],
-            finetune_mlp_modules=config["finetune_mlp_modules"], bias="none", random_state=config["seed"])
+            target_modules=lora_targets(model, config, family), modules_to_save=list(family.MODULES_TO_SAVE),
+            finetune_vision_layers=True, finetune_language_layers=True, finetune_attention_modules=True,
+            finetune_mlp_modules=True, bias="none", random_state=config["seed"])
         return model, processor
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -308,9 +430,9 @@ def sft_config(config, checkpoint_dir, backend):
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()  # Gemma 3 trains in bf16 (fp16 gives NaN)
     report_to = [t.strip() for t in config["report_to"].split(",") if t.strip() and t.strip() != "none"]
-    extra = {}
-    if backend == "unsloth":  # what UnslothVisionDataCollator wants
-        extra = {"remove_unused_columns": False, "dataset_text_field": "", "dataset_kwargs": {"skip_prepare_dataset": True}}
+    # Both backends: rows stay {image_path, ocr_text} (nothing dropped, nothing prepared by TRL);
+    # OcrCollator builds every batch. max_length: unsloth reads it; TRL does not cut unprepared rows.
+    extra = {"remove_unused_columns": False, "dataset_text_field": "", "dataset_kwargs": {"skip_prepare_dataset": True}}
     # Data-parallel: each process takes its share of the batch, so the global batch (and the optimizer
     # steps, the schedule and the loss curve) stay those of one process. Every rank gets the same seeds:
     # the same LoRA init and the same shuffled order, of which accelerate hands each rank its slice.
@@ -324,7 +446,7 @@ def sft_config(config, checkpoint_dir, backend):
         max_grad_norm=1.0, logging_steps=config["logging_steps"], eval_strategy="steps",
         eval_steps=config["eval_steps"], save_strategy="steps", save_steps=config["eval_steps"], save_total_limit=2,
         load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
-        max_length=config["max_seq_length"], completion_only_loss=True, bf16=bf16,
+        max_length=config["max_seq_length"], bf16=bf16,
         gradient_checkpointing=cuda and backend != "unsloth", dataloader_pin_memory=cuda, use_cpu=not cuda,
         ddp_find_unused_parameters=False,  # every trainable weight is used in each forward: skip DDP's graph walk
         report_to=report_to or "none", **extra)
@@ -349,6 +471,8 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
 
+    from .families import family_of
+    from .images import load_image
     from .io import atomic_dir, read_json
     from .metrics import corpus_cer
     from .modeling import generation_budget, read_images
@@ -371,25 +495,15 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
     check_row_lengths(base_dir, train_rows + val_rows, config)   # before the model is loaded
     torch.manual_seed(config["seed"])
     model, processor = load_for_training(config, base_dir, backend)
-    train_set, val_set = ocr_examples(train_rows, config["instruction"]), ocr_examples(val_rows, config["instruction"])
-    check_max_length(processor, val_set, config["max_seq_length"])
-    images = [row["images"][0] for row in val_set]
-    extra = {}
-    if backend == "transformers":
-        from datasets import Dataset
-
-        train_set, val_set = Dataset.from_list(train_set), Dataset.from_list(val_set)
-    else:  # unsloth's notebooks: plain lists of `messages` rows and its own collator
-        from unsloth.trainer import UnslothVisionDataCollator
-
-        train_set, val_set = [to_messages(r) for r in train_set], [to_messages(r) for r in val_set]
-        extra["data_collator"] = UnslothVisionDataCollator(
-            model, processor, train_on_responses_only=True,
-            instruction_part="<start_of_turn>user\n", response_part="<start_of_turn>model\n")
+    collator = OcrCollator(processor, config["instruction"], config["max_seq_length"])
+    collator(val_rows[:1])   # refuses, before training, a max_seq_length that cuts a prompt
+    collator.cut_rows.clear()
     live = [LiveCallback(live_dir, resume=bool(last))] if live_dir and main else []
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set,
-                         eval_dataset=val_set, processing_class=processor, callbacks=list(callbacks) + live, **extra)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=split_dataset(train_rows),
+                         eval_dataset=split_dataset(val_rows), data_collator=collator, processing_class=processor,
+                         callbacks=list(callbacks) + live)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    modules = trainable_modules(model, family_of(base_dir))
     total = sum(p.numel() for p in model.parameters())
     start = time.time()
     result = trainer.train(resume_from_checkpoint=last)
@@ -407,7 +521,8 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
         "best_eval_loss": trainer.state.best_metric, "best_step": step_of(trainer.state.best_model_checkpoint),
         "global_step": trainer.state.global_step, "runtime_s": round(runtime, 2),
         "samples_per_second": result.metrics.get("train_samples_per_second"),
-        "trainable_params": trainable, "total_params": total, "train_rows": len(train_rows),
+        "trainable_params": trainable, "total_params": total, "trainable_modules": modules,
+        "cut_rows": len(collator.cut_rows), "train_rows": len(train_rows),
         "val_rows": len(val_rows), "backend": backend, "load_in_4bit": config["load_in_4bit"],
         "num_processes": world, "distributed_backend": dist.get_backend() if dist.is_initialized() else None,
     }
@@ -417,6 +532,7 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
 
             FastVisionModel.for_inference(model)
         refs = [r["ocr_text"] for r in val_rows]
+        images = [load_image(r["image_path"]) for r in val_rows]
         # the evaluation's rule (evaluate.max_tokens 'auto'): room for the longest label, so nothing is cut
         budget, _ = generation_budget(processor.tokenizer, [r["ocr_text"] for r in train_rows + val_rows],
                                       base_dir, config["instruction"])
@@ -444,8 +560,8 @@ def step_of(checkpoint_path):
     return int(str(checkpoint_path).rsplit("-", 1)[-1]) if checkpoint_path else None
 
 
-def to_messages(row):
-    """prompt/completion -> one `messages` conversation with the image inline (unsloth's collator)."""
-    user = {"role": "user", "content": [dict(part, image=row["images"][0]) if part["type"] == "image" else part
-                                        for part in row["prompt"][0]["content"]]}
-    return {"messages": [user, row["completion"][0]]}
+def split_dataset(rows):
+    """The split's rows as a datasets.Dataset of {image_path, ocr_text}: OcrCollator reads the images."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"image_path": r["image_path"], "ocr_text": r["ocr_text"]} for r in rows])

@@ -126,7 +126,9 @@ class ChatClient:
 
     def payload(self, image_path):
         body = {"model": self.model_name, "messages": chat_messages(image_path, self.instruction),
-                "temperature": self.generation["temperature"], "max_tokens": self.max_tokens}
+                "temperature": self.generation["temperature"]}
+        if self.max_tokens is not None:   # None: the server's own limit (an external server, no tokenizer here)
+            body["max_tokens"] = self.max_tokens
         if self.stop:
             body["stop"] = self.stop
         return body

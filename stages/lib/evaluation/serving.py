@@ -15,6 +15,7 @@ server outlives the stage. Its output goes to a log file whose last lines explai
 """
 import ctypes
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -83,6 +84,16 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def image_server_args(engine, image):
+    """The server flags that apply params `image:` (the processor settings training used) to every
+    request: vLLM's --mm-processor-kwargs, transformers serve's --chat-template-kwargs (forwarded to
+    processor.apply_chat_template, which hands them to the image processor). [] when there are none."""
+    if not image:
+        return []
+    flag = "--mm-processor-kwargs" if engine == "vllm" else "--chat-template-kwargs"
+    return [flag, json.dumps(image, sort_keys=True)]
 
 
 def server_command(engine, model_dir, port, model_name, extra_args=()):
