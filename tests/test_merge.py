@@ -14,7 +14,7 @@ import pytest
 
 from stages import merge
 from stages.lib import merging as M
-from stages.lib.gemma3_layout import real_key
+from stages.lib.families.gemma3 import real_key
 from stages.lib.cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from stages.lib.gemma3_layout import layout_problems, real_key, write_real_layout
+from stages.lib.families.gemma3 import layout_problems, real_key, write_real_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_PREFIXES = {"language_model.model", "multi_modal_projector", "vision_tower.vision_model"}

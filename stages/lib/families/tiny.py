@@ -11,8 +11,8 @@ processor is named with its type only (its defaults apply where torchvision is i
 import json
 from pathlib import Path
 
-# Characters the chat templates and processors themselves write.
-TEMPLATE_CHARS = "\n abcdefghijklmnopqrstuvwxyz_:|<>/"
+# Characters the chat templates and processors themselves write (others fall back to bytes).
+TEMPLATE_CHARS = "\n abcdefghijklmnopqrstuvwxyz"
 
 
 def chat_template(name):
@@ -21,8 +21,9 @@ def chat_template(name):
     return (Path(trl.__file__).parent / "chat_templates" / name).read_text(encoding="utf-8")
 
 
-def char_tokenizer(alphabet, specials, template, **kwargs):
-    """A fast tokenizer: `specials` (ids 0..), 256 byte tokens, one token per character."""
+def char_tokenizer(alphabet, specials, template, merges=(), **kwargs):
+    """A fast tokenizer: `specials` (ids 0..), 256 byte tokens, one token per character, then the
+    tokens of `merges` ((left, right) pairs, e.g. Gemma's newline runs)."""
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
@@ -31,7 +32,10 @@ def char_tokenizer(alphabet, specials, template, **kwargs):
         vocab[f"<0x{b:02X}>"] = len(vocab)
     for ch in sorted(set(alphabet) | set(TEMPLATE_CHARS)):
         vocab.setdefault(ch, len(vocab))
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=kwargs.get("unk_token"), byte_fallback=True))
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=list(merges), unk_token=kwargs.get("unk_token"),
+                                byte_fallback=True))
     core.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     core.add_special_tokens(list(specials))
     return PreTrainedTokenizerFast(tokenizer_object=core, padding_side="right", chat_template=template, **kwargs)
