@@ -344,6 +344,10 @@ def main(argv=None):
         evaluate(args, samples, predict, info, name, info)
         return
     folder = None if args.url else model_folder(args.model_dir)
+    if folder is not None:   # the served model's family takes its own settings of params `image:`
+        from .lib.families import family_image_settings, family_of
+
+        args.image = family_image_settings(family_of(folder), args.image)
     if args.max_tokens == "auto":
         args.max_tokens = auto_max_tokens(folder, samples, args.instruction)
     with model_servers(args, folder) as servers:

@@ -39,7 +39,7 @@ from pathlib import Path
 from .lib import merging as M
 from .lib import params as P
 from .lib.cli import UserError, run_main
-from .lib.families import family_of
+from .lib.families import family_image_settings, family_of
 from .lib.io import atomic_dir, atomic_write_json, read_split
 from .lib.modeling import IMAGE_PARAMS, free_memory, image_settings, load_processor, resolve_base_dir
 
@@ -112,6 +112,7 @@ def main(argv=None):
     base_dir = resolve_base_dir(args.base)
     base_config = M.check_base(base_dir)
     family = family_of(base_dir)   # an unsupported model_type stops here, before anything heavy
+    image = family_image_settings(family, image)   # this family's settings of params `image:`
     M.note_trained_base(M.read_adapter(args.adapter), base_dir)
     dtype_name, torch_dtype = M.pick_dtype(args.dtype, base_config.get("model_type"))
     tolerance = args.tolerance or M.TOLERANCE[dtype_name]

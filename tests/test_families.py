@@ -21,7 +21,8 @@ import torch
 import yaml
 
 from stages.lib.cli import UserError
-from stages.lib.families import FAMILIES, family_of, gemma3, gemma4, qwen3_vl, resolution_settings, tiny
+from stages.lib.families import (FAMILIES, family_image_settings, family_of, gemma3, gemma4, qwen3_vl,
+                                 resolution_settings, tiny)
 from stages.lib.synthetic import charset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +127,7 @@ EXPECTED = {
     "gemma3": {"do_pan_and_scan": None, "pan_and_scan_max_num_crops": None, "pan_and_scan_min_crop_size": None,
                "pan_and_scan_min_ratio_to_activate": None},
     "gemma4": {"max_soft_tokens": 280},
-    "qwen3_vl": {"min_pixels": 65536, "max_pixels": 16777216},
+    "qwen3_vl": {"size": {"longest_edge": 16777216, "shortest_edge": 65536}},
 }
 
 
@@ -158,12 +159,12 @@ def test_base_refuses_an_unsupported_model_type_in_one_line(tiny_base_dir, tmp_p
 
 def test_image_tokens_follow_the_resolution_settings():
     """The prompt-length bound (modeling.prompt_length) per family: Gemma 3 per crop, Gemma 4 the
-    soft-token budget, Qwen3-VL max_pixels / 32^2."""
+    soft-token budget, Qwen3-VL max pixels (size.longest_edge) / 32^2."""
     assert gemma3.image_tokens({"mm_tokens_per_image": 256}, {"do_pan_and_scan": None}) == 256
     assert gemma3.image_tokens({"mm_tokens_per_image": 256},
                                {"do_pan_and_scan": True, "pan_and_scan_max_num_crops": 4}) == 256 * 5
     assert gemma4.image_tokens({}, {"max_soft_tokens": 1120}) == 1120
-    assert qwen3_vl.image_tokens({}, {"max_pixels": 1024 * 1024}) == 1024
+    assert qwen3_vl.image_tokens({}, {"size": {"shortest_edge": 65536, "longest_edge": 1024 * 1024}}) == 1024
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed here")
@@ -273,3 +274,34 @@ def test_vllm_mapping_is_applied_as_vllm_applies_it():
         ["model.mm_projector.weight"]
     assert tiny.unplaced_keys(gemma3, ["vision_tower.embeddings.patch_embedding.weight"]) == \
         ["vision_tower.embeddings.patch_embedding.weight"]
+
+
+def test_each_family_takes_its_own_image_settings():
+    """params.yaml `image:` holds every family's settings side by side: a model takes its family's
+    (nulls keep the checkpoint's), a name of no family is one line."""
+    image = {"do_pan_and_scan": True, "pan_and_scan_max_num_crops": 4, "max_soft_tokens": 560, "size": None}
+    assert family_image_settings(gemma3, image) == {"do_pan_and_scan": True, "pan_and_scan_max_num_crops": 4}
+    assert family_image_settings(gemma4, image) == {"max_soft_tokens": 560}
+    assert family_image_settings(qwen3_vl, image) == {}
+    assert family_image_settings(qwen3_vl, None) == {}
+    with pytest.raises(UserError) as err:
+        family_image_settings(gemma4, {"max_pixels": 1000})
+    assert "'image.max_pixels'" in str(err.value) and "max_soft_tokens" in str(err.value)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["image"]
+    for family in FAMILIES.values():   # the default params.yaml names every family's settings
+        assert set(family.IMAGE_SETTINGS) <= set(params), family.MODEL_TYPE
+        family_image_settings(family, params)
+
+
+def test_prompt_length_counts_the_image_settings(tiny_base_dir, tiny_dirs):
+    from transformers import AutoTokenizer
+
+    from stages.lib.modeling import prompt_length
+
+    folder = tiny_dirs["gemma4"]
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    assert prompt_length(folder, tokenizer, "x", {"max_soft_tokens": 1120}) - prompt_length(folder, tokenizer, "x") \
+        == 1120 - 70
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_base_dir))
+    on = {"do_pan_and_scan": True, "pan_and_scan_max_num_crops": 2}
+    assert prompt_length(tiny_base_dir, tokenizer, "x", on) - prompt_length(tiny_base_dir, tokenizer, "x") == 2 * 16

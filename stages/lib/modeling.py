@@ -121,13 +121,16 @@ def context_length(model_dir):
     return value if isinstance(value, int) and value > 0 else None
 
 
-def prompt_length(model_dir, tokenizer, instruction):
+def prompt_length(model_dir, tokenizer, instruction, image=None):
     """Tokens before the answer: the image's soft tokens (the most the family's resolution settings
-    allow, stages/lib/families/) plus the templated instruction (an upper bound)."""
-    from .families import family_of, resolution_settings
+    allow: the folder's, params `image:` over them; stages/lib/families/) plus the templated
+    instruction (an upper bound)."""
+    from .families import family_image_settings, family_of, resolution_settings
 
     config = read_json(Path(model_dir) / "config.json")
-    image_tokens = family_of(model_dir).image_tokens(config, resolution_settings(model_dir))
+    family = family_of(model_dir)
+    settings = {**resolution_settings(model_dir), **family_image_settings(family, image)}
+    image_tokens = family.image_tokens(config, settings)
     return image_tokens + len(tokenizer(instruction, add_special_tokens=False)["input_ids"]) + 16
 
 

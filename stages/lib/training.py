@@ -335,7 +335,7 @@ def check_row_lengths(base_dir, rows, config):
     if not limits:
         return
     limit, what = min(limits)
-    prompt = prompt_length(base_dir, tokenizer, config["instruction"])
+    prompt = prompt_length(base_dir, tokenizer, config["instruction"], config.get("image"))
     answers = tokenizer([r["ocr_text"] for r in rows], add_special_tokens=False)["input_ids"]
     too_long = [(i, prompt + len(ids) + 1) for i, ids in enumerate(answers) if prompt + len(ids) + 1 > limit]
     if too_long:
@@ -392,11 +392,11 @@ def load_for_training(config, base_dir, backend):
     MODULES_TO_SAVE (the projector, trained fully) are the same on both: params alone decide what trains."""
     import torch
 
-    from .families import family_of
+    from .families import family_image_settings, family_of
     from .modeling import load_model, load_processor
 
     family = family_of(base_dir)
-    processor = load_processor(base_dir, config.get("image"))
+    processor = load_processor(base_dir, family_image_settings(family, config.get("image")))
     if backend == "unsloth":
         from unsloth import FastVisionModel
 

@@ -8,8 +8,8 @@ Each family module (gemma3.py, gemma4.py, qwen3_vl.py) has the same small interf
     ATTENTION_MODULES, MLP_MODULES       Linear leaf names LoRA may wrap in each
     LINEAR_WRAPPED                       suffix of a Linear inside a wrapper module of such a name ("" if none)
     MODULES_TO_SAVE                      trained fully beside LoRA (the projector between the towers)
-    IMAGE_SETTINGS                       {image processor setting: what it does}: the resolution params,
-                                         the same names in `vllm serve --mm-processor-kwargs`
+    IMAGE_SETTINGS                       {image processor setting: what it does}: the resolution params
+                                         (params `image:`), the same names in `vllm serve --mm-processor-kwargs`
     VLLM_WEIGHT_PREFIXES, VLLM_MODULES   vLLM 0.33.0's checkpoint-name mapping for the family and the
                                          top-level modules it loads into (read from its source, cited)
     CHAT_TEMPLATE                        the checkpoints' chat template (TRL ships a copy)
@@ -71,3 +71,15 @@ def resolution_settings(model_dir):
     saved = processor_settings(model_dir)
     return {name: family.saved_setting(saved, name) for name in family.IMAGE_SETTINGS}
 
+
+
+def family_image_settings(family, image, where="params.yaml"):
+    """The family's own settings of params `image:` ({} when none): params.yaml holds the resolution
+    settings of every family side by side, each model takes its family's (IMAGE_SETTINGS) and a null
+    keeps the checkpoint's own value. A name that is no family's setting is refused."""
+    known = {name for f in FAMILIES.values() for name in f.IMAGE_SETTINGS}
+    unknown = sorted(set(image or {}) - known)
+    if unknown:
+        raise UserError(f"{where}: 'image.{unknown[0]}' is not a resolution setting of any model family "
+                        f"(this model, {family.TITLE}: {', '.join(family.IMAGE_SETTINGS)})")
+    return {k: v for k, v in (image or {}).items() if k in family.IMAGE_SETTINGS and v is not None}

@@ -4,9 +4,9 @@ is a hybrid with linear-attention layers, and Qwen3-VL is the base most OCR fine
 
 Image: dynamic resolution, resized (aspect ratio kept, sides multiples of 32 px: patch 16, 2x2
 merge) so its pixel count lies between min_pixels and max_pixels; one token per 32x32 px. The
-image processor stores them as size.shortest_edge / size.longest_edge; vLLM takes min_pixels /
-max_pixels (or size) in --mm-processor-kwargs (vllm/model_executor/models/qwen2_vl.py
-_get_vision_size). Key layout: what transformers saves (model.visual.*, model.language_model.*,
+image processor (transformers 5) keeps them as size = {shortest_edge, longest_edge}, the setting
+declared here; vLLM takes the same `size` (or min_pixels / max_pixels) in --mm-processor-kwargs
+(vllm/model_executor/models/qwen2_vl.py _get_vision_size). Key layout: what transformers saves (model.visual.*, model.language_model.*,
 lm_head.* when untied), which vLLM 0.33.0 maps itself (hf_to_vllm_mapper below; its vision
 transformer uses transformers' names: patch_embed.proj, pos_embed, blocks.N.attn.qkv,
 mlp.linear_fc1/2, merger, deepstack_merger_list).
@@ -28,8 +28,8 @@ LINEAR_WRAPPED = ""
 # The deepstack mergers (a ModuleList, which peft's modules_to_save refuses) get LoRA like the tower.
 MODULES_TO_SAVE = ("visual.merger",)
 IMAGE_SETTINGS = {
-    "min_pixels": "fewest pixels an image is resized to (size.shortest_edge)",
-    "max_pixels": "most pixels an image is resized to (size.longest_edge); tokens = pixels / 32^2",
+    "size": "{shortest_edge: fewest pixels, longest_edge: most pixels} an image is resized to (min_pixels / "
+            "max_pixels); one token per 32x32 px",
 }
 # vLLM 0.33.0 vllm/model_executor/models/qwen3_vl.py, Qwen3VLForConditionalGeneration.hf_to_vllm_mapper
 VLLM_WEIGHT_PREFIXES = (
@@ -42,16 +42,20 @@ CHAT_TEMPLATE = "qwen3_vl.jinja"
 UNSLOTH = "FastVisionModel.from_pretrained (unsloth 2026.10.9 lists qwen3_vl)"
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
             "<|video_pad|>")
-EDGE = {"min_pixels": "shortest_edge", "max_pixels": "longest_edge"}
 PIXELS_PER_TOKEN = 32 * 32
 
 
 def saved_setting(saved, name):
-    return saved.get(name) or (saved.get("size") or {}).get(EDGE[name])
+    """size, also from older checkpoints' top-level min_pixels / max_pixels."""
+    size = dict(saved.get("size") or {})
+    for key, edge in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+        if saved.get(key):
+            size[edge] = saved[key]
+    return size or None
 
 
 def image_tokens(config, settings):
-    return (settings.get("max_pixels") or 16777216) // PIXELS_PER_TOKEN
+    return ((settings.get("size") or {}).get("longest_edge") or 16777216) // PIXELS_PER_TOKEN
 
 
 def build_tiny(output_dir, alphabet, *, seed=0, min_pixels=128 * 128, max_pixels=256 * 256, text_hidden_size=64,
