@@ -90,6 +90,10 @@ def load_processor(path, image=None):
         raise UserError(f"{path}: this model's processor needs torchvision, which is not installed (its video "
                         "processor; PyPI has only CUDA builds of torchvision: use the GPU set, "
                         "requirements-gpu.txt)") from None
+    if image and (Path(path) / "config.json").is_file():   # a model folder: its family's settings of `image:`
+        from .families import family_image_settings, family_of
+
+        image = family_image_settings(family_of(path), image)
     return apply_image_settings(processor, image)
 
 
