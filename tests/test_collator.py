@@ -64,7 +64,7 @@ def test_a_cut_row_is_counted_and_a_cut_prompt_refused(tiny_base_dir, tiny_rows)
 
 
 def test_an_unknown_image_setting_is_refused(tiny_base_dir):
-    with pytest.raises(UserError, match="'image.max_pixels' is not a setting of this model's image processor"):
+    with pytest.raises(UserError, match="'image.max_pixels' is not a resolution setting of any model family"):
         load_processor(tiny_base_dir, {"max_pixels": 100})
 
 

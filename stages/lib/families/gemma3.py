@@ -21,8 +21,8 @@ STOP_TOKENS = ("<end_of_turn>",)
 VISION_TOWER, LANGUAGE_MODEL = "vision_tower", "language_model"
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj")   # SigLIP: out_proj
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2")         # SigLIP: fc1, fc2
-# A bare parameter (mm_input_projection_weight): LoRA cannot reach it, so it trains fully.
 LINEAR_WRAPPED = ""
+# A bare parameter (mm_input_projection_weight): LoRA cannot reach it, so it trains fully.
 MODULES_TO_SAVE = ("multi_modal_projector",)
 IMAGE_SETTINGS = {
     "do_pan_and_scan": "crop pages into tiles beside the whole image (each crop: mm_tokens_per_image more tokens)",
@@ -81,16 +81,10 @@ def write_layout(folder):
 # changes no output; merge's parity check proves that on every merge.
 
 NEWLINE_TOKENS = ("\n\n", "\n\n\n", "\n\n\n\n")
-# transformers' in-memory names -> the real checkpoints' names, first match wins.
-PREFIXES = (
-    ("model.language_model.", "language_model.model."),
-    ("model.vision_tower.", "vision_tower."),
-    ("model.multi_modal_projector.", "multi_modal_projector."),
-    ("lm_head.", "language_model.lm_head."),
-)
+# transformers' in-memory names -> the real checkpoints' names, first match wins: vLLM's own mapping.
+PREFIXES = VLLM_WEIGHT_PREFIXES
 VISION = "vision_tower."
-REAL_PREFIXES = ("language_model.model.", "language_model.lm_head.", "multi_modal_projector.",
-                 "vision_tower.vision_model.")
+REAL_PREFIXES = VLLM_MODULES
 INDEX = "model.safetensors.index.json"
 
 

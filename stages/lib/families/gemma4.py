@@ -19,8 +19,8 @@ STOP_TOKENS = ("<turn|>",)
 VISION_TOWER, LANGUAGE_MODEL = "vision_tower", "language_model"
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-# The projector into the language model (embed_vision.embedding_projection, a Linear outside both towers).
 LINEAR_WRAPPED = ".linear"   # vision: q_proj is a Gemma4ClippableLinear around q_proj.linear
+# The projector into the language model (embed_vision.embedding_projection, a Linear outside both towers).
 MODULES_TO_SAVE = ("embed_vision",)
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 IMAGE_SETTINGS = {"max_soft_tokens": f"soft tokens per image, one of {SOFT_TOKEN_BUDGETS} (aspect ratio kept)"}
