@@ -345,9 +345,13 @@ def main(argv=None):
         return
     folder = None if args.url else model_folder(args.model_dir)
     if folder is not None:   # the served model's family takes its own settings of params `image:`
-        from .lib.families import family_image_settings, family_of
+        from .lib.families import FAMILIES, family_image_settings, model_type
 
-        args.image = family_image_settings(family_of(folder), args.image)
+        family = FAMILIES.get(model_type(folder))
+        if family is None and args.image:
+            print(f"note: {folder} is not of a known model family (model_type {model_type(folder)!r}): served with "
+                  "its own image settings, params `image:` not sent", file=sys.stderr)
+        args.image = family_image_settings(family, args.image) if family else {}
     if args.max_tokens == "auto":
         args.max_tokens = auto_max_tokens(folder, samples, args.instruction)
     with model_servers(args, folder) as servers:

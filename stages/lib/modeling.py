@@ -129,12 +129,15 @@ def prompt_length(model_dir, tokenizer, instruction, image=None):
     """Tokens before the answer: the image's soft tokens (the most the family's resolution settings
     allow: the folder's, params `image:` over them; stages/lib/families/) plus the templated
     instruction (an upper bound)."""
-    from .families import family_image_settings, family_of, resolution_settings
+    from .families import FAMILIES, family_image_settings, resolution_settings
 
     config = read_json(Path(model_dir) / "config.json")
-    family = family_of(model_dir)
-    settings = {**resolution_settings(model_dir), **family_image_settings(family, image)}
-    image_tokens = family.image_tokens(config, settings)
+    family = FAMILIES.get(config.get("model_type"))
+    if family is None:   # a model of no known family (evaluated as it is): Gemma 3's count, 256 when unstated
+        image_tokens = config.get("mm_tokens_per_image") or 256
+    else:
+        settings = {**resolution_settings(model_dir), **family_image_settings(family, image)}
+        image_tokens = family.image_tokens(config, settings)
     return image_tokens + len(tokenizer(instruction, add_special_tokens=False)["input_ids"]) + 16
 
 
