@@ -5,8 +5,10 @@
    never replaces a value behind your back; `python -m stages.search --apply-best` writes its
    best values into params.yaml, where `dvc params diff` shows them and git records them.
 2. The non-test rows are split into train/validation (val_ratio, seed; whole documents).
-3. TRL SFTTrainer, loss on the answer only, LoRA on the linear layers the finetune_* flags
-   pick (the projector trained fully); unsloth on CUDA when installed (`backend`).
+3. TRL SFTTrainer with the project's own batches (training.OcrCollator: the image loader, the
+   prompt, params `image:`, loss on the answer only), LoRA on the linear layers the finetune_* flags
+   pick (the projector trained fully); unsloth's model on CUDA when installed (`backend`), the same
+   batches and modules.
    eval_loss every eval_steps; the best checkpoint is kept. dvclive writes plots/train/.
 4. models/lora/: the best adapter + processor files. metrics/train.json: final figures, with the
    greedy-decoding CER on the validation lines of the fine-tuned model and of the base, and

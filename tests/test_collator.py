@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import ROOT
 from stages.lib.cli import UserError
 from stages.lib.evaluation.client import ChatClient
 from stages.lib.modeling import load_processor
@@ -96,3 +97,57 @@ def test_training_and_a_served_request_give_identical_processor_inputs(tiny_base
     assert torch.equal(served["input_ids"][0], trained["input_ids"][:prompt])
     assert torch.equal(served["token_type_ids"][0], trained["token_type_ids"][:prompt])
     assert torch.equal(served["pixel_values"], trained["pixel_values"])
+
+
+def test_servers_get_the_settings_or_the_stage_refuses(monkeypatch):
+    from stages.lib.evaluation import serving
+
+    assert serving.image_server_args("vllm", PAN_AND_SCAN)[0] == "--mm-processor-kwargs"
+    assert json.loads(serving.image_server_args("transformers", PAN_AND_SCAN)[1]) == PAN_AND_SCAN
+    assert serving.image_server_args("transformers", {}) == []
+    # an older transformers serve without the option (not installed here): refused, never silently ignored
+    monkeypatch.setattr(serving, "transformers_serve_takes", lambda flag: False)
+    with pytest.raises(UserError, match="cannot be given to this transformers serve"):
+        serving.image_server_args("transformers", PAN_AND_SCAN)
+
+
+def test_unsloth_is_given_max_seq_length_and_the_same_modules(tiny_base_dir, monkeypatch):
+    """unsloth cannot load a vision model without CUDA, so a stand-in records what load_for_training
+    passes to FastVisionModel and applies it with peft (tools/gpu_check.sh compares the real thing):
+    max_seq_length reaches from_pretrained, and the LoRA targets and modules_to_save give exactly the
+    trainable modules of the transformers path."""
+    import sys
+    import types
+
+    from peft import LoraConfig, get_peft_model
+
+    from stages.lib.families import gemma3
+    from stages.lib.modeling import load_model
+    from stages.lib.params import load_params
+    from stages.lib.training import load_for_training, trainable_modules, training_config
+
+    calls = {}
+
+    class FastVisionModel:
+        @staticmethod
+        def from_pretrained(path, **kwargs):
+            calls["from_pretrained"] = kwargs
+            return load_model(path), None
+
+        @staticmethod
+        def get_peft_model(model, **kwargs):
+            calls["get_peft_model"] = kwargs
+            return get_peft_model(model, LoraConfig(
+                r=kwargs["r"], lora_alpha=kwargs["lora_alpha"], lora_dropout=kwargs["lora_dropout"],
+                target_modules=kwargs["target_modules"], modules_to_save=kwargs["modules_to_save"], bias="none"))
+
+    monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace(FastVisionModel=FastVisionModel))
+    config = training_config(load_params(path=ROOT / "params.yaml"), {"max_seq_length": 4096,
+                                                                       "finetune_mlp_modules": False})
+    unsloth_model, _ = load_for_training(config, tiny_base_dir, "unsloth")
+    peft_model, _ = load_for_training(config, tiny_base_dir, "transformers")
+    assert calls["from_pretrained"]["max_seq_length"] == 4096
+    assert calls["get_peft_model"]["modules_to_save"] == ["multi_modal_projector"]
+    assert trainable_modules(unsloth_model, gemma3) == trainable_modules(peft_model, gemma3)
+    assert set(trainable_modules(peft_model, gemma3)) == {"lora:language_model", "lora:vision_tower",
+                                                          "multi_modal_projector"}

@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from stages.lib.params import load_params
 from stages.lib.training import training_config
 
 sys.path.insert(0, str(ROOT / "tools"))

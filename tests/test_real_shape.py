@@ -4,7 +4,6 @@ and special tokens; hidden sizes tiny) through base -> train -> merge -> evaluat
 every served request are what the settings say, and equal training's (the collator's) count."""
 import json
 import os
-import random
 import subprocess
 import sys
 import time
@@ -13,44 +12,39 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import ROOT, SERIF
+from conftest import ROOT
 from stages.lib.families import family_image_settings, gemma3
 from stages.lib.modeling import load_processor
 from stages.lib.prompt import DEFAULT_INSTRUCTION
-from stages.lib.synthetic import charset, random_line, render_line
 from stages.lib.training import OcrCollator
+
+sys.path.insert(0, str(ROOT / "tools"))
+import compare_backends  # noqa: E402
 
 # 1344x896 pages: aspect 1.5, so Gemma 3's pan-and-scan (min crop 256 px, ratio from 1.2) adds 2 crops
 PAGE = (1344, 896)
 CROPS = 2
-PAN_AND_SCAN = {"do_pan_and_scan": True, "pan_and_scan_max_num_crops": 4, "pan_and_scan_min_crop_size": 256,
-                "pan_and_scan_min_ratio_to_activate": 1.2}
+PAN_AND_SCAN = compare_backends.PAN_AND_SCAN
 
 
 @pytest.fixture(scope="module")
-def real_base(tmp_path_factory):
-    from stages.lib.tinymodel import build_tiny_model
-
-    out = tmp_path_factory.mktemp("real_shape") / "gemma-3-tiny-896"
-    build_tiny_model(out, charset(), seed=0, text_hidden_size=64, text_layers=1, vision_hidden_size=32,
-                     vision_layers=1, real_shape=True)
-    return out
+def fixture_dir(tmp_path_factory):
+    """The GPU check's fixture (tools/compare_backends.py): the real-shaped tiny base and 8 pages."""
+    folder = tmp_path_factory.mktemp("real_shape")
+    compare_backends.fixture(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
-def pages(tmp_path_factory):
+def real_base(fixture_dir):
+    return fixture_dir / "base"
+
+
+@pytest.fixture(scope="module")
+def pages(fixture_dir):
     """8 pages of 1344x896 px, each a rendered line scaled up on white paper."""
-    folder = tmp_path_factory.mktemp("pages")
-    rows = []
-    for i in range(8):
-        rng = random.Random(i)
-        text = random_line(rng)[:6]
-        page = Image.new("RGB", PAGE, "white")
-        page.paste(render_line(text, SERIF, 24, 128, rng).resize((768, 768)), (288, 64))
-        path = folder / f"doc{i % 4}" / f"page_{i}.png"
-        path.parent.mkdir(exist_ok=True)
-        page.save(path)
-        rows.append({"image_path": str(path), "ocr_text": text})
+    rows = json.loads((fixture_dir / "rows.json").read_text(encoding="utf-8"))
+    assert {Image.open(r["image_path"]).size for r in rows} == {PAGE}
     return rows
 
 

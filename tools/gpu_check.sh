@@ -96,7 +96,7 @@ step compare -- "$python" "${compare[@]}" compare "${runs[@]}"
 train=(-m stages.train --base-dir "$fixture/base" --non-test "$fixture/rows.json" --live-dir "" --output adapter
        --checkpoints checkpoints)
 short=(num_train_epochs=3 per_device_train_batch_size=2 eval_steps=4 logging_steps=1 val_ratio=0.25
-       learning_rate=2.0e-4 "image=$image")
+       "image=$image")  # the demo learning rate (5e-3): a visible adapter effect for the merges to preserve
 merge=(-m stages.merge --base "$fixture/base" --rows "$fixture/rows.json" --samples 2 --max-new-tokens 8 --out merged)
 step unsloth_bf16 backend=unsloth load_in_4bit=false "${short[@]}" -- \
     "$python" "${train[@]}" --metrics "$out/train_unsloth_bf16.json"

@@ -4,6 +4,7 @@ Each stage declares the keys it reads (its PARAMS, the same list as its `params:
 tests/test_dvc_yaml.py checks the two agree) and loads params.yaml through that declaration:
 load_params(PARAMS) hands the stage only those keys, so reading an undeclared key fails at once
 instead of leaving a stage that DVC does not re-run when that key changes."""
+import re
 from pathlib import Path
 
 import yaml
@@ -11,6 +12,15 @@ import yaml
 from .cli import UserError
 
 PARAMS_FILE = "params.yaml"
+
+
+class Loader(yaml.SafeLoader):
+    """PyYAML (YAML 1.1) reads 1e-05, a float without a dot, as a string; that is how Python, and so
+    `dvc exp run -S x=1.0e-5` when it rewrites params.yaml, writes small floats. Read it as YAML 1.2 does."""
+
+
+Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"),
+                             list("-+0123456789"))
 
 
 class Params(dict):
@@ -25,7 +35,7 @@ def load_params(declared=None, path=PARAMS_FILE):
     if not path.is_file():
         raise UserError(f"{path}: file not found (run from the project root)")
     try:
-        params = yaml.safe_load(path.read_text(encoding="utf-8"))
+        params = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(params, dict):

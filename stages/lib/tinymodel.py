@@ -113,7 +113,7 @@ def build_tiny_model(output_dir, alphabet, *, seed=0, image_size=128, text_hidde
 def pretrain(model_dir, samples, instruction, *, steps, learning_rate, batch_size, seed, warmup_steps=50):
     """Full (no LoRA) pre-training of the tiny model in model_dir on (PIL image, text) samples,
     in place: AdamW, linear warm-up then cosine, clip 1.0; loss on the answer only (TRL's
-    collator, the same as fine-tuning uses). Returns {"pretrain_loss": mean of the last 50 steps, ...}."""
+    collator on in-memory images; fine-tuning uses training.OcrCollator: the same prompt and masking). Returns {"pretrain_loss": mean of the last 50 steps, ...}."""
     import random
     import time
 

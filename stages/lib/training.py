@@ -3,13 +3,19 @@
 Contract (signatures are stable):
   training_config(params, overrides=None) -> dict
       The validated top-level training keys of params.yaml (TRAINING_KEYS), with `overrides`
-      (e.g. a search trial's values) applied on top. A bad or unknown key raises UserError
-      naming it, before anything heavy happens.
+      (e.g. a search trial's values) applied on top, plus "image": params `image:` (the
+      processor settings, stages/lib/modeling.py image_settings). A bad or unknown key raises
+      UserError naming it, before anything heavy happens.
+  OcrCollator(processor, instruction, max_seq_length=None)(rows) -> batch of tensors
+      The one batch builder of both backends (see its docstring); trainable_modules(model, family) ->
+      {module group: trainable parameter count}, the same on both backends. What differs per
+      model family (LoRA towers and module kinds, the projector in modules_to_save) comes from
+      stages/lib/families/ (family_of(base_dir)).
   split_train_val(rows, val_ratio, seed) -> (train_rows, val_rows)
       Seeded split of the non-test rows; whole documents (image folders) go to one side.
   run_training(config, base_dir, train_rows, val_rows, output_dir, *, callbacks=(),
                live_dir=None, resume=False, checkpoint_dir=None, measure_cer=True) -> dict
-      Trains LoRA adapters (TRL SFTTrainer; unsloth on CUDA when chosen), evaluating eval_loss
+      Trains LoRA adapters (TRL SFTTrainer with OcrCollator; unsloth's model on CUDA when chosen), evaluating eval_loss
       every `eval_steps` optimizer steps, and saves the BEST adapter + processor files to
       output_dir. `callbacks` are transformers.TrainerCallback objects (the search reports
       eval_loss to Optuna from on_evaluate and may raise optuna.TrialPruned: exceptions
@@ -18,7 +24,7 @@ Contract (signatures are stable):
       output_dir + ".checkpoints"; git-ignored, deleted after a finished run). Returns the
       final metrics: train_loss, eval_loss (of the saved best adapter), best_eval_loss,
       best_step, global_step, runtime_s, samples_per_second, trainable_params, total_params,
-      backend, and with measure_cer val_cer / val_cer_base (greedy CER on val_rows of the
+      trainable_modules, cut_rows (rows cut at max_seq_length), backend, and with measure_cer val_cer / val_cer_base (greedy CER on val_rows of the
       fine-tuned model and of the base: the same model with its adapter disabled), num_processes and
       distributed_backend (gloo, nccl; None for one process). Under torchrun (num_processes > 1,
       stages/lib/launch.py) only rank 0 writes and returns the metrics; the other ranks return None.

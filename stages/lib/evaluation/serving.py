@@ -86,6 +86,17 @@ def free_port():
         return s.getsockname()[1]
 
 
+def transformers_serve_takes(flag):
+    """Whether the installed `transformers serve` has `flag`: read from its source, without importing it
+    (transformers 5.24 has --chat-template-kwargs; older releases of its serving CLI may not)."""
+    spec = importlib.util.find_spec("transformers")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    option = flag.lstrip("-").replace("-", "_")
+    return any(option in path.read_text(encoding="utf-8", errors="replace")
+               for folder in folders for path in (Path(folder) / "cli" / "serve.py",
+                                                  Path(folder) / "commands" / "serving.py") if path.is_file())
+
+
 def image_server_args(engine, image):
     """The server flags that apply params `image:` (the processor settings training used) to every
     request: vLLM's --mm-processor-kwargs, transformers serve's --chat-template-kwargs (forwarded to
@@ -93,6 +104,9 @@ def image_server_args(engine, image):
     if not image:
         return []
     flag = "--mm-processor-kwargs" if engine == "vllm" else "--chat-template-kwargs"
+    if engine != "vllm" and not transformers_serve_takes(flag):
+        raise UserError(f"params.yaml: 'image' settings cannot be given to this transformers serve (no {flag}): "
+                        "it would read pages with its own defaults; use evaluate.engine vllm or transformers 5.24")
     return [flag, json.dumps(image, sort_keys=True)]
 
 
