@@ -14,10 +14,12 @@ Each family module (gemma3.py, gemma4.py, qwen3_vl.py) has the same small interf
                                          top-level modules it loads into (read from its source, cited)
     CHAT_TEMPLATE                        the checkpoints' chat template (TRL ships a copy)
     UNSLOTH                              how unsloth loads it (FastVisionModel; GPU only)
-    image_tokens(model_dir)              the most image tokens one image can take (prompt length bound)
+    saved_setting(saved, name)           an IMAGE_SETTINGS value as the checkpoint's processor files store it
+    image_tokens(config, settings)       the most image tokens one image can take (prompt length bound)
     build_tiny(output_dir, alphabet, seed=0)   a tiny untrained model + tokenizer + processor files, offline
     write_layout(folder), layout_problems(folder)   the key layout vLLM loads: write it / what differs
-Adding a family: one module here, its name in FAMILIES, and its tests.
+Adding a family: one module here, its name in FAMILIES, its settings in params.yaml `image:`, its
+line in tools/check_vllm_mappings.py, the module in dvc.yaml's deps, and its tests.
 """
 import json
 from pathlib import Path
