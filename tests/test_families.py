@@ -305,3 +305,21 @@ def test_prompt_length_counts_the_image_settings(tiny_base_dir, tiny_dirs):
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_base_dir))
     on = {"do_pan_and_scan": True, "pan_and_scan_max_num_crops": 2}
     assert prompt_length(tiny_base_dir, tokenizer, "x", on) - prompt_length(tiny_base_dir, tokenizer, "x") == 2 * 16
+
+
+@pytest.mark.parametrize("family", NEW, ids=lambda f: f.MODEL_TYPE)
+def test_the_chat_template_writes_the_answer_after_the_generation_prompt(tiny_dirs, family):
+    """What OcrCollator relies on (training's loss mask = the tokens after the generation prompt): the
+    family's template, with the project's own user turn, renders prompt + answer as the prompt followed
+    by the answer and the family's stop token; the image placeholder is the family's image token."""
+    from transformers import AutoTokenizer
+
+    from stages.lib.prompt import DEFAULT_INSTRUCTION, user_turn
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_dirs[family.MODEL_TYPE]))
+    turn = user_turn(DEFAULT_INSTRUCTION)
+    prompt = tokenizer.apply_chat_template([turn], add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template([turn, {"role": "assistant", "content": [{"type": "text", "text": "AB12"}]}],
+                                         tokenize=False)
+    assert full.startswith(prompt) and full[len(prompt):].startswith(f"AB12{family.STOP_TOKENS[0]}")
+    assert tokenizer.image_token in prompt and prompt.index(tokenizer.image_token) < prompt.index(DEFAULT_INSTRUCTION)
