@@ -22,7 +22,7 @@ import yaml
 
 from stages.lib.cli import UserError
 from stages.lib.families import (FAMILIES, family_image_settings, family_of, gemma3, gemma4, qwen3_vl,
-                                 resolution_settings, tiny)
+                                 resolution_settings, tiny, vllm_layout)
 from stages.lib.synthetic import charset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,25 +254,25 @@ def test_a_tensor_outside_the_layout_is_reported(tiny_dirs, tiny_base_dir, famil
     source = Path(tiny_base_dir) if family is gemma3 else tiny_dirs[family.MODEL_TYPE]
     folder = tmp_path / "model"
     shutil.copytree(source, folder)
-    assert family.layout_problems(folder) == [] and tiny.unplaced_keys(family, tiny.saved_keys(folder)) == []
+    assert family.layout_problems(folder) == [] and vllm_layout.unplaced_keys(family, vllm_layout.saved_keys(folder)) == []
     weights = load_file(str(folder / "model.safetensors"))
     key = next(iter(weights))
     weights["extra." + key] = weights.pop(key)   # a name vLLM's loader for the family has no place for
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     assert family.layout_problems(folder), key
-    assert tiny.unplaced_keys(family, tiny.saved_keys(folder)) == [f"extra.{key}"]
+    assert vllm_layout.unplaced_keys(family, vllm_layout.saved_keys(folder)) == [f"extra.{key}"]
 
 
 def test_vllm_mapping_is_applied_as_vllm_applies_it():
     """vLLM's WeightsMapper applies every matching prefix in order (Gemma 4's last rule, 'model' ->
     'language_model.model', must not touch a name an earlier rule already mapped)."""
-    assert tiny.unplaced_keys(gemma4, ["model.vision_tower.encoder.layers.0.mlp.up_proj.linear.weight",
+    assert vllm_layout.unplaced_keys(gemma4, ["model.vision_tower.encoder.layers.0.mlp.up_proj.linear.weight",
                                        "model.embed_vision.embedding_projection.weight",
                                        "model.language_model.layers.0.self_attn.q_proj.weight"]) == []
-    assert tiny.unplaced_keys(qwen3_vl, ["model.visual.blocks.0.attn.qkv.weight", "lm_head.weight",
+    assert vllm_layout.unplaced_keys(qwen3_vl, ["model.visual.blocks.0.attn.qkv.weight", "lm_head.weight",
                                          "model.language_model.norm.weight", "model.mm_projector.weight"]) == \
         ["model.mm_projector.weight"]
-    assert tiny.unplaced_keys(gemma3, ["vision_tower.embeddings.patch_embedding.weight"]) == \
+    assert vllm_layout.unplaced_keys(gemma3, ["vision_tower.embeddings.patch_embedding.weight"]) == \
         ["vision_tower.embeddings.patch_embedding.weight"]
 
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ..cli import UserError
-from . import tiny
+from . import vllm_layout
 
 MODEL_TYPE = "gemma3"
 TITLE = "Gemma 3"
@@ -179,4 +179,4 @@ def layout_problems(folder):
     missing = [t.replace("\n", "\\n") for t in NEWLINE_TOKENS if t not in vocab]
     if missing:
         problems.append(f"the tokenizer lacks Gemma's newline tokens {missing}")
-    return problems + tiny.vllm_layout_problems(sys.modules[__name__], folder)
+    return problems + vllm_layout.problems(sys.modules[__name__], folder)

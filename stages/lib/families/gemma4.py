@@ -10,7 +10,7 @@ Not runnable on this CPU machine: Gemma4Processor needs torchvision (its video p
 """
 import sys
 
-from . import tiny
+from . import tiny, vllm_layout
 
 MODEL_TYPE = "gemma4"
 TITLE = "Gemma 4"
@@ -91,9 +91,9 @@ def build_tiny(output_dir, alphabet, *, seed=0, max_soft_tokens=70, text_hidden_
 
 def write_layout(folder):
     """transformers 5 saves Gemma 4 in the checkpoints' layout: nothing to rewrite, only to check."""
-    return tiny.check_saved_layout(sys.modules[__name__], folder)
+    return vllm_layout.check(sys.modules[__name__], folder)
 
 
 def layout_problems(folder):
-    return tiny.vllm_layout_problems(sys.modules[__name__], folder)
+    return vllm_layout.problems(sys.modules[__name__], folder)
 

@@ -14,7 +14,7 @@ Not runnable on this CPU machine: Qwen3VLProcessor needs torchvision (its video 
 """
 import sys
 
-from . import tiny
+from . import tiny, vllm_layout
 
 MODEL_TYPE = "qwen3_vl"
 TITLE = "Qwen3-VL"
@@ -99,8 +99,8 @@ def build_tiny(output_dir, alphabet, *, seed=0, min_pixels=128 * 128, max_pixels
 
 
 def write_layout(folder):
-    return tiny.check_saved_layout(sys.modules[__name__], folder)
+    return vllm_layout.check(sys.modules[__name__], folder)
 
 
 def layout_problems(folder):
-    return tiny.vllm_layout_problems(sys.modules[__name__], folder)
+    return vllm_layout.problems(sys.modules[__name__], folder)
