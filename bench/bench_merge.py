@@ -55,6 +55,7 @@ def build(folder, text_hidden, text_layers, vision_hidden, vision_layers):
 
     from stages.lib.synthetic import charset
     from stages.lib.tinymodel import build_tiny_model
+    from stages.lib.families import gemma3
     from stages.lib.training import lora_targets
 
     fp32, base, lora = folder / "fp32", folder / "base", folder / "lora"
@@ -66,7 +67,7 @@ def build(folder, text_hidden, text_layers, vision_hidden, vision_layers):
     processor.save_pretrained(str(base))
     flags = {f"finetune_{k}": True for k in ("vision_layers", "language_layers", "attention_modules", "mlp_modules")}
     torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=lora_targets(model, flags),
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=lora_targets(model, flags, gemma3),
                                                   modules_to_save=["multi_modal_projector"], task_type="CAUSAL_LM"))
     with torch.no_grad():  # B starts at zero: give it a trained-like small value so merging changes weights
         for name, param in peft_model.named_parameters():

@@ -11,8 +11,10 @@ serif dataset: the domain shift that fine-tuning removes. Random-character lines
 (uniform draws from the alphabet, half the mix; that generator is gone) learned slower: CER 0.32
 sans / 0.55 serif.
 
-model_name = a local checkpoint folder (e.g. a downloaded gemma-3-4b-it): checked to be a
-model folder and recorded in models/base/source.json; nothing is built or downloaded.
+model_name = a local checkpoint folder (e.g. a downloaded gemma-3-4b-it, gemma-4-E4B-it,
+Qwen3-VL-8B-Instruct): checked to be a model folder of a supported family (stages/lib/families/,
+from its config.json model_type) and recorded in models/base/source.json, with its family and
+resolution settings in metrics/base.json; nothing is built or downloaded.
 """
 import argparse
 import random
@@ -21,6 +23,7 @@ from collections import Counter
 
 from .lib import params as P
 from .lib.cli import UserError, record_runtime, run_main
+from .lib.families import family_of, resolution_settings
 from .lib.io import atomic_dir, atomic_write_json, read_split
 from .lib.metrics import corpus_cer
 from .lib.modeling import SOURCE_FILE, check_model_dir, load_model, load_processor, read_images
@@ -107,10 +110,13 @@ def main(argv=None):
 
     if cfg["model_name"] != "tiny":
         path = check_model_dir(cfg["model_name"])
+        family = family_of(path)   # from its config.json model_type: an unsupported one stops here
+        settings = resolution_settings(path)
         with atomic_dir(args.output, inputs=[path]) as tmp:
             atomic_write_json(tmp / SOURCE_FILE, {"model_name": str(path.resolve())})
-        atomic_write_json(args.metrics, {"model_name": str(path.resolve()), "built": False})
-        print(f"base: using {path}")
+        atomic_write_json(args.metrics, {"model_name": str(path.resolve()), "built": False,
+                                         "family": family.MODEL_TYPE, "resolution": settings})
+        print(f"base: using {path} ({family.TITLE}; {', '.join(f'{k} {v}' for k, v in settings.items())})")
         return
 
     from .lib.synthetic import charset

@@ -397,6 +397,14 @@ def main(argv=None):
         evaluate(args, samples, predict, info, name, info, confidence_source=getattr(engine, "CONFIDENCE", None))
         return
     folder = None if args.url else model_folder(args.model_dir)
+    if folder is not None:   # the served model's family takes its own settings of params `image:`
+        from .lib.families import FAMILIES, family_image_settings, model_type
+
+        family = FAMILIES.get(model_type(folder))
+        if family is None and args.image:
+            print(f"note: {folder} is not of a known model family (model_type {model_type(folder)!r}): served with "
+                  "its own image settings, params `image:` not sent", file=sys.stderr)
+        args.image = family_image_settings(family, args.image) if family else {}
     args.max_tokens_auto = args.max_tokens == "auto"   # the truncation warning's advice depends on it
     if args.max_tokens_auto:
         args.max_tokens = auto_max_tokens(folder, samples, args.instruction)

@@ -19,9 +19,11 @@ has a guard here:
   above the tolerance, an unmerged adapter cannot pass unnoticed.
 - wrong `architectures`, missing processor / chat template / generation config: written and
   checked by merging.finish_folder.
-- a key layout vLLM's Gemma 3 loader refuses: the folder is rewritten in the real checkpoints'
-  layout (stages/lib/gemma3_layout.py: language_model.model.*, vision_tower.vision_model.*, no
-  SigLIP head, vision_use_head false), checked, and reloaded with no missing or unexpected keys.
+- a key layout vLLM's loader for the family refuses: the family module (stages/lib/families/,
+  chosen by the base's config.json model_type) writes its real checkpoints' layout (Gemma 3:
+  language_model.model.*, vision_tower.vision_model.*, no SigLIP head, vision_use_head false;
+  Gemma 4, Qwen3-VL: what transformers saves), checks every tensor against vLLM 0.33.0's
+  weight-name mapping for the family, and the folder is reloaded with no missing or unexpected keys.
 - a disk check tied to one host path: free space is measured on the output's own filesystem,
   against the base's real size at the merge dtype, before anything is loaded.
 Merging: unsloth's 16-bit merged save on CUDA with unsloth (params `backend`), peft's
@@ -33,10 +35,10 @@ import random
 import time
 from pathlib import Path
 
-from .lib import gemma3_layout as G
 from .lib import merging as M
 from .lib import params as P
 from .lib.cli import UserError, record_runtime, run_main
+from .lib.families import family_image_settings, family_of
 from .lib.io import atomic_dir, atomic_write_json, read_split
 from .lib.modeling import IMAGE_PARAMS, free_memory, image_settings, load_processor, resolve_base_dir
 
@@ -108,6 +110,8 @@ def main(argv=None):
 
     base_dir = resolve_base_dir(args.base)
     base_config = M.check_base(base_dir)
+    family = family_of(base_dir)   # an unsupported model_type stops here, before anything heavy
+    image = family_image_settings(family, image)   # this family's settings of params `image:`
     M.note_trained_base(M.read_adapter(args.adapter), base_dir)
     dtype_name, torch_dtype = M.pick_dtype(args.dtype, base_config.get("model_type"))
     tolerance = args.tolerance or M.TOLERANCE[dtype_name]
@@ -135,23 +139,24 @@ def main(argv=None):
             M.merge_with_peft(peft_model, tmp)
             del peft_model
             free_memory()
-        layout = G.write_real_layout(tmp) if G.is_gemma3(tmp) else None
-        files = M.finish_folder(tmp, base_config, processor)
+        layout = family.write_layout(tmp)
+        files = M.finish_folder(tmp, base_config, processor, family)
         saved_dtype = M.check_saved_dtype(tmp, dtype_name)
-        problems = G.layout_problems(tmp) if layout is not None else []   # the layout vLLM's Gemma 3 loader reads
+        problems = family.layout_problems(tmp)   # the layout vLLM's loader for the family reads
         if problems:
             raise UserError(f"{args.out}: not in the layout vLLM loads: {'; '.join(problems)}")
         # 3. Parity: the folder as a server will load it, processor included, with no missing or extra keys.
         merged = M.load_base(tmp, torch_dtype, strict=True)
         runs = M.greedy_with_logits(merged, load_processor(tmp, image), images, instruction,
-                                    args.max_new_tokens)
+                                    args.max_new_tokens, family.STOP_TOKENS)
         architectures = merged.config.architectures
         del merged
         free_memory()
         passed, mismatches, near_ties, gap = M.judge(reference, runs, tolerance)
         metrics = {
             "passed": passed, "backend": backend, "dtype": dtype_name, "saved_dtype": saved_dtype,
-            "architectures": architectures, "gemma3_layout": layout, "image": image, "samples": len(images), "max_new_tokens": args.max_new_tokens,
+            "architectures": architectures, "family": family.MODEL_TYPE, "layout": layout, "image": image,
+            "samples": len(images), "max_new_tokens": args.max_new_tokens,
             "greedy_mismatches": mismatches, "greedy_near_ties": near_ties, "max_relative_logit_gap": gap, "tolerance": tolerance,
             **figures, "merged_size_bytes": size, "files": files,
         }

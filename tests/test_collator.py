@@ -65,7 +65,7 @@ def test_a_cut_row_is_counted_and_a_cut_prompt_refused(tiny_base_dir, tiny_rows)
 
 
 def test_an_unknown_image_setting_is_refused(tiny_base_dir):
-    with pytest.raises(UserError, match="'image.max_pixels' is not a setting of this model's image processor"):
+    with pytest.raises(UserError, match="'image.max_pixels' is not a resolution setting of any model family"):
         load_processor(tiny_base_dir, {"max_pixels": 100})
 
 
@@ -121,6 +121,7 @@ def test_unsloth_is_given_max_seq_length_and_the_same_modules(tiny_base_dir, mon
 
     from peft import LoraConfig, get_peft_model
 
+    from stages.lib.families import gemma3
     from stages.lib.modeling import load_model
     from stages.lib.params import load_params
     from stages.lib.training import load_for_training, trainable_modules, training_config
@@ -147,5 +148,6 @@ def test_unsloth_is_given_max_seq_length_and_the_same_modules(tiny_base_dir, mon
     peft_model, _ = load_for_training(config, tiny_base_dir, "transformers")
     assert calls["from_pretrained"]["max_seq_length"] == 4096
     assert calls["get_peft_model"]["modules_to_save"] == ["multi_modal_projector"]
-    assert trainable_modules(unsloth_model) == trainable_modules(peft_model)
-    assert set(trainable_modules(peft_model)) == {"lora:language_model", "lora:vision_tower", "multi_modal_projector"}
+    assert trainable_modules(unsloth_model, gemma3) == trainable_modules(peft_model, gemma3)
+    assert set(trainable_modules(peft_model, gemma3)) == {"lora:language_model", "lora:vision_tower",
+                                                          "multi_modal_projector"}

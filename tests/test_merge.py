@@ -14,7 +14,7 @@ import pytest
 
 from stages import merge
 from stages.lib import merging as M
-from stages.lib.gemma3_layout import real_key
+from stages.lib.families.gemma3 import real_key
 from stages.lib.cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,11 +27,12 @@ def make_adapter(base_dir, out_dir, seed=1):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from stages.lib.families import gemma3
     from stages.lib.training import lora_targets
 
     model = AutoModelForImageTextToText.from_pretrained(str(base_dir))
     torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=lora_targets(model, ALL_ON),
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=lora_targets(model, ALL_ON, gemma3),
                         modules_to_save=["multi_modal_projector"], init_lora_weights=False, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     with torch.no_grad():  # the trained projector copy differs from the base's
@@ -176,7 +177,7 @@ def test_parity_catches_an_unmerged_vision_tower(merged, tiny_base_dir, adapter_
 
     processor = AutoProcessor.from_pretrained(str(adapter_dir))
     images = merge.parity_images(tiny_rows_file, 2, 0.1, 42)
-    args = (processor, images, merge.P.load_params()["instruction"], 8)
+    args = (processor, images, merge.P.load_params()["instruction"], 8, ("<end_of_turn>",))
     reference = M.greedy_with_logits(
         PeftModel.from_pretrained(M.load_base(tiny_base_dir, torch.bfloat16), str(adapter_dir)), *args)
     good = M.greedy_with_logits(M.load_base(out, torch.bfloat16), *args)

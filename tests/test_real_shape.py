@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT
+from stages.lib.families import family_image_settings, gemma3
 from stages.lib.modeling import load_processor
 from stages.lib.prompt import DEFAULT_INSTRUCTION
 from stages.lib.training import OcrCollator
@@ -79,6 +80,7 @@ def test_base_train_merge_evaluate_score(real_base, pages, tmp_path, image, crop
                   logging_steps=1, val_ratio=0.25, warmup_ratio=0.0, backend="transformers")
     params["image"].update(image)
     (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    gemma3_image = family_image_settings(gemma3, params["image"])   # the others' settings are not Gemma 3's
 
     stage(project, "base")
     stage(project, "train")
@@ -90,9 +92,10 @@ def test_base_train_merge_evaluate_score(real_base, pages, tmp_path, image, crop
 
     stage(project, "merge", "--samples", "1", "--max-new-tokens", "4")
     merge = json.loads((project / "metrics/merge.json").read_text())
-    assert merge["passed"] is True and merge["image"] == params["image"] and merge["dtype"] == "bfloat16"
+    assert merge["passed"] is True and merge["image"] == gemma3_image and merge["dtype"] == "bfloat16"
+    assert merge["family"] == "gemma3" and set(gemma3_image) == set(gemma3.IMAGE_SETTINGS)
     recorded = json.loads((project / "models/merged/processor_config.json").read_text())["image_processor"]
-    assert {k: recorded[k] for k in params["image"]} == params["image"]   # the settings travel with the model
+    assert {k: recorded[k] for k in gemma3_image} == gemma3_image   # the settings travel with the model
 
     stage(project, "evaluate", "--model-dir", "models/merged", "--engine", "transformers", "--data-file",
           "data/input/ocr_test.json", "--output-file", "results/finetuned.json", "--max-tokens", "4",

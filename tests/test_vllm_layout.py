@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from stages.lib.gemma3_layout import layout_problems, real_key, write_real_layout
+from stages.lib.families.gemma3 import layout_problems, real_key, write_real_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_PREFIXES = {"language_model.model", "multi_modal_projector", "vision_tower.vision_model"}
@@ -182,7 +182,7 @@ def test_base_train_merge_on_a_real_layout_checkpoint(default_layout_dir, tiny_r
     assert_real_layout(folder)
     assert reload_info(folder)[1] == {}
     metrics = json.loads((project / "metrics" / "merge.json").read_text())
-    assert metrics["passed"] is True and metrics["gemma3_layout"]["dropped"] == []
+    assert metrics["passed"] is True and metrics["layout"]["dropped"] == [] and metrics["family"] == "gemma3"
     assert "greedy identical" in merged.stdout
 
 
@@ -195,7 +195,7 @@ def test_merge_writes_the_real_layout_from_a_base_saved_otherwise(default_layout
     out, metrics = run_stage(tmp_path, default_layout_dir, adapter, tiny_rows_file)
     metrics = json.loads(metrics.read_text())
     assert metrics["passed"] is True and metrics["greedy_mismatches"] == 0
-    assert metrics["gemma3_layout"]["renamed"] > 0
-    assert metrics["gemma3_layout"]["dropped"] and all("head" in k for k in metrics["gemma3_layout"]["dropped"])
+    assert metrics["layout"]["renamed"] > 0
+    assert metrics["layout"]["dropped"] and all("head" in k for k in metrics["layout"]["dropped"])
     assert_real_layout(out)
     assert reload_info(out)[1] == {}

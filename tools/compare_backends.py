@@ -58,6 +58,7 @@ def sha(tensor):
 
 
 def one(backend, bits, base, rows_path, out, image):
+    from stages.lib.families import family_of
     from stages.lib.params import load_params
     from stages.lib.training import (OcrCollator, import_unsloth_first, load_for_training, trainable_modules,
                                      training_config)
@@ -76,7 +77,7 @@ def one(backend, bits, base, rows_path, out, image):
     encoded = [collator.encode(row) for row in rows]
     batch = collator(rows)
     image_id = processor.tokenizer.convert_tokens_to_ids("<image_soft_token>")
-    modules = trainable_modules(model)
+    modules = trainable_modules(model, family_of(base))
     model.train()
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
         loss = model(**{k: v.to(model.device) for k, v in batch.items()}).loss.item()

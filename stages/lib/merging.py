@@ -174,18 +174,22 @@ def check_adapter_fits(model, adapter_dir):
 
 # ---------------------------------------------------------------- parity
 
-def greedy_with_logits(model, processor, images, instruction, max_new_tokens):
+def stop_token_ids(tokenizer, stop_tokens):
+    """The tokenizer's eos and the family's end-of-answer tokens (Gemma 3: <end_of_turn>) that it has."""
+    ids = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(t) for t in stop_tokens]
+    return list(dict.fromkeys(t for t in ids if isinstance(t, int) and t != tokenizer.unk_token_id))
+
+
+def greedy_with_logits(model, processor, images, instruction, max_new_tokens, stop_tokens):
     """Per image: (generated token ids, float32 logits of every step [steps, vocab]) on the CPU."""
     import torch
 
     from .prompt import generation_prompt
 
     text = generation_prompt(processor, instruction)
-    # The same stop tokens for every model compared (a chat answer ends with <end_of_turn>): a base
-    # whose generation_config stops at <eos> only must not "differ" from its merge, which stops at both.
-    tokenizer = processor.tokenizer
-    stop = [t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>"))
-            if isinstance(t, int) and t != tokenizer.unk_token_id]
+    # The same stop tokens for every model compared (a chat answer ends with the family's end-of-turn):
+    # a base whose generation_config stops at <eos> only must not "differ" from its merge, which stops at both.
+    stop = stop_token_ids(processor.tokenizer, stop_tokens)
     model.eval()
     runs = []
     for image in images:
@@ -236,11 +240,11 @@ def judge(reference, runs, tolerance):
 
 
 @contextmanager
-def vision_lora_off(peft_model):
+def vision_lora_off(peft_model, vision_tower):
     """Context: the vision tower's LoRA layers disabled (to measure what the parity check would see)."""
     from peft.tuners.lora import LoraLayer
 
-    layers = [m for n, m in peft_model.named_modules() if ".vision_tower." in n and isinstance(m, LoraLayer)]
+    layers = [m for n, m in peft_model.named_modules() if f".{vision_tower}." in n and isinstance(m, LoraLayer)]
     for layer in layers:
         layer.enable_adapters(False)
     try:
@@ -277,14 +281,18 @@ def reference_runs(base_dir, adapter_dir, torch_dtype, processor, images, instru
     Returns (peft model, reference runs, figures)."""
     from peft import PeftModel
 
+    from .families import family_of
+
+    family = family_of(base_dir)
     model = load_base(base_dir, torch_dtype)
     n_tensors = check_adapter_fits(model, adapter_dir)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
-    reference = greedy_with_logits(peft_model, processor, images, instruction, max_new_tokens)
+    args = (processor, images, instruction, max_new_tokens, family.STOP_TOKENS)
+    reference = greedy_with_logits(peft_model, *args)
     with peft_model.disable_adapter():
-        base_runs = greedy_with_logits(peft_model, processor, images, instruction, max_new_tokens)
-    with vision_lora_off(peft_model) as n_vision:
-        no_vision = greedy_with_logits(peft_model, processor, images, instruction, max_new_tokens) if n_vision else None
+        base_runs = greedy_with_logits(peft_model, *args)
+    with vision_lora_off(peft_model, family.VISION_TOWER) as n_vision:
+        no_vision = greedy_with_logits(peft_model, *args) if n_vision else None
     figures = {
         "adapter_tensors": n_tensors,
         "vision_lora_layers": n_vision,
@@ -349,10 +357,10 @@ def check_saved_dtype(out_dir, dtype_name):
     return want
 
 
-def finish_folder(out_dir, base_config, processor):
+def finish_folder(out_dir, base_config, processor, family):
     """What servers need beside the weights, each a known failure of merged Gemma 3 folders:
-    the base's `architectures`, a generation config stopping at <end_of_turn>, the processor
-    (image processor + tokenizer) and the chat template. Returns the list of files written."""
+    the base's `architectures`, a generation config stopping at the family's end-of-turn token, the
+    processor (image processor + tokenizer) and the chat template. Returns the list of files written."""
     from transformers import GenerationConfig
 
     out_dir = Path(out_dir)
@@ -362,7 +370,7 @@ def finish_folder(out_dir, base_config, processor):
         raise UserError(f"{out_dir}: the merge wrote no safetensors weights")
     config_path = out_dir / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["architectures"] = base_config.get("architectures") or ["Gemma3ForConditionalGeneration"]
+    config["architectures"] = base_config.get("architectures") or [family.ARCHITECTURE]
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
     processor.save_pretrained(str(out_dir))
@@ -375,10 +383,8 @@ def finish_folder(out_dir, base_config, processor):
         generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
     eos = generation.eos_token_id if generation.eos_token_id is not None else tokenizer.eos_token_id
     eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
-    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id and end_of_turn not in eos:
-        eos.append(end_of_turn)  # a chat answer ends with <end_of_turn>, not <eos>
-    generation.eos_token_id = eos
+    # a chat answer ends with the family's end-of-turn (Gemma 3: <end_of_turn>), not <eos>
+    generation.eos_token_id = list(dict.fromkeys(eos + stop_token_ids(tokenizer, family.STOP_TOKENS)))
     generation.save_pretrained(str(out_dir))
     make_readable(out_dir)
     return sorted(p.name for p in out_dir.iterdir())

@@ -102,7 +102,19 @@ def load_processor(path, image=None):
     from transformers import AutoProcessor
 
     check_no_custom_code(path)
-    return apply_image_settings(AutoProcessor.from_pretrained(str(path), trust_remote_code=False), image)
+    try:
+        processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=False)
+    except ImportError as e:   # Gemma 4 / Qwen3-VL processors hold a video processor built on torchvision
+        if "torchvision" not in str(e).lower():
+            raise
+        raise UserError(f"{path}: this model's processor needs torchvision, which is not installed (its video "
+                        "processor; PyPI has only CUDA builds of torchvision: use the GPU set, "
+                        "requirements-gpu.txt)") from None
+    if image and (Path(path) / "config.json").is_file():   # a model folder: its family's settings of `image:`
+        from .families import family_image_settings, family_of
+
+        image = family_image_settings(family_of(path), image)
+    return apply_image_settings(processor, image)
 
 
 def load_model(path, *, load_in_4bit=False, dtype=None):
@@ -134,10 +146,19 @@ def context_length(model_dir):
     return value if isinstance(value, int) and value > 0 else None
 
 
-def prompt_length(model_dir, tokenizer, instruction):
-    """Tokens before the answer: the image's soft tokens plus the templated instruction (an upper bound)."""
+def prompt_length(model_dir, tokenizer, instruction, image=None):
+    """Tokens before the answer: the image's soft tokens (the most the family's resolution settings
+    allow: the folder's, params `image:` over them; stages/lib/families/) plus the templated
+    instruction (an upper bound)."""
+    from .families import FAMILIES, family_image_settings, resolution_settings
+
     config = read_json(Path(model_dir) / "config.json")
-    image_tokens = config.get("mm_tokens_per_image") or 256
+    family = FAMILIES.get(config.get("model_type"))
+    if family is None:   # a model of no known family (evaluated as it is): Gemma 3's count, 256 when unstated
+        image_tokens = config.get("mm_tokens_per_image") or 256
+    else:
+        settings = {**resolution_settings(model_dir), **family_image_settings(family, image)}
+        image_tokens = family.image_tokens(config, settings)
     return image_tokens + len(tokenizer(instruction, add_special_tokens=False)["input_ids"]) + 16
 
 

@@ -9,7 +9,7 @@ What makes it able to learn OCR on 2 CPU cores (see the field notes):
   which is one character of stages/lib/synthetic.py's 4x4 grid (no pooling);
 - the multi-modal projector re-initialised (it is all zeros after random init, so every
   image would embed to 0 and the vision tower would get no gradient).
-It mirrors real Gemma 3 checkpoints where servers look (stages/lib/gemma3_layout.py): no SigLIP
+It mirrors real Gemma 3 checkpoints where servers look (stages/lib/families/gemma3.py): no SigLIP
 pooling head, the real key layout on disk, and Gemma's "\n\n" / "\n\n\n" / "\n\n\n\n" tokens
 (BPE merges of "\n", as in Gemma's tokenizer).
 """
@@ -17,49 +17,29 @@ import json
 import math
 from pathlib import Path
 
-from .gemma3_layout import write_real_layout
+from .families import tiny
+from .families.gemma3 import write_real_layout
 
 # Gemma's special tokens, in Gemma's order for the first ids (pad 0, eos 1, bos 2, unk 3).
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 START_TURN, END_TURN = "<start_of_turn>", "<end_of_turn>"
 BOI, EOI, IMAGE = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
 SPECIALS = [PAD, EOS, BOS, UNK, START_TURN, END_TURN, BOI, EOI, IMAGE]
-# Characters the chat template and the processor themselves emit.
-TEMPLATE_CHARS = "\n abcdefghijklmnopqrstuvwxyz"
+NEWLINE_MERGES = (("\n", "\n"), ("\n\n", "\n"), ("\n\n", "\n\n"))   # Gemma's newline runs
 
 
 def chat_template():
     """TRL's copy of the Gemma 3 chat template (the one real checkpoints ship)."""
-    import trl
-
-    return (Path(trl.__file__).parent / "chat_templates" / "gemma3.jinja").read_text(encoding="utf-8")
+    return tiny.chat_template("gemma3.jinja")
 
 
 def build_tokenizer(alphabet):
     """A Gemma-style fast tokenizer with one token per character and byte fallback."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for b in range(256):
-        vocab[f"<0x{b:02X}>"] = len(vocab)
-    for ch in sorted(set(alphabet) | set(TEMPLATE_CHARS)):
-        if ch not in vocab:
-            vocab[ch] = len(vocab)
-    merges = []
-    for left, right in (("\n", "\n"), ("\n\n", "\n"), ("\n\n", "\n\n")):   # Gemma's newline runs
-        vocab[left + right] = len(vocab)
-        merges.append((left, right))
-    core = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK, byte_fallback=True))
-    core.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
-    core.add_special_tokens(SPECIALS)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-        additional_special_tokens=[START_TURN, END_TURN],
+    return tiny.char_tokenizer(
+        alphabet, SPECIALS, chat_template(), merges=NEWLINE_MERGES, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        unk_token=UNK, additional_special_tokens=[START_TURN, END_TURN],
         extra_special_tokens={"boi_token": BOI, "eoi_token": EOI, "image_token": IMAGE},
-        padding_side="right", add_bos_token=False, add_eos_token=False,
-        chat_template=chat_template(),
-    )
+        add_bos_token=False, add_eos_token=False)
 
 
 # Real Gemma 3 checkpoints (4b/12b/27b): 896 px, 14 px patches (64x64), pooled 4x4 into 256 image

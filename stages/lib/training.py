@@ -1,4 +1,4 @@
-"""LoRA supervised fine-tuning of a Gemma 3 VLM on OCR rows: used by the train and search stages.
+"""LoRA supervised fine-tuning of a VLM (a family of stages/lib/families/) on OCR rows: used by the train and search stages.
 
 Contract (signatures are stable):
   training_config(params, overrides=None) -> dict
@@ -7,8 +7,10 @@ Contract (signatures are stable):
       processor settings, stages/lib/modeling.py image_settings). A bad or unknown key raises
       UserError naming it, before anything heavy happens.
   OcrCollator(processor, instruction, max_seq_length=None)(rows) -> batch of tensors
-      The one batch builder of both backends (see its docstring); trainable_modules(model) ->
-      {module group: trainable parameter count}, the same on both backends.
+      The one batch builder of both backends (see its docstring); trainable_modules(model, family) ->
+      {module group: trainable parameter count}, the same on both backends. What differs per
+      model family (LoRA towers and module kinds, the projector in modules_to_save) comes from
+      stages/lib/families/ (family_of(base_dir)).
   split_train_val(rows, val_ratio, seed) -> (train_rows, val_rows)
       Seeded split of the non-test rows; whole documents (image folders) go to one side.
   run_training(config, base_dir, train_rows, val_rows, output_dir, *, callbacks=(),
@@ -216,19 +218,24 @@ def choose_backend(config):
     return backend
 
 
-def lora_targets(model, config):
-    """Full names of the Linear layers LoRA wraps: the towers and module kinds the finetune_* flags pick."""
+def lora_targets(model, config, family):
+    """Full names of the Linear layers LoRA wraps: the family's towers (stages/lib/families/) and
+    module kinds the finetune_* flags pick; not those inside the fully trained MODULES_TO_SAVE."""
     import torch
 
     kinds = set()
     if config["finetune_attention_modules"]:
-        kinds |= {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj"}
+        kinds |= set(family.ATTENTION_MODULES)
     if config["finetune_mlp_modules"]:
-        kinds |= {"gate_proj", "up_proj", "down_proj", "fc1", "fc2"}
-    towers = [t for t, on in (("vision_tower", config["finetune_vision_layers"]),
-                              ("language_model", config["finetune_language_layers"])) if on]
+        kinds |= set(family.MLP_MODULES)
+    towers = [t for t, on in ((family.VISION_TOWER, config["finetune_vision_layers"]),
+                              (family.LANGUAGE_MODEL, config["finetune_language_layers"])) if on]
+    def kind(name):   # Gemma 4's vision tower wraps its Linear layers: q_proj.linear
+        return name.removesuffix(family.LINEAR_WRAPPED).rsplit(".", 1)[-1]
+
     names = [name for name, module in model.named_modules()
-             if name.rsplit(".", 1)[-1] in kinds and any(f".{t}." in f".{name}" for t in towers)
+             if kind(name) in kinds and any(f".{t}." in f".{name}" for t in towers)
+             and not any(f".{m}." in f".{name}" for m in family.MODULES_TO_SAVE)
              and (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Linear4bit")]
     if not names:
         raise UserError("params.yaml: the finetune_* flags select no Linear layer of this model")
@@ -328,17 +335,18 @@ class OcrCollator:
         return batch
 
 
-def trainable_modules(model):
+def trainable_modules(model, family):
     """{module group: trainable parameter count}, grouped by what they are: 'lora:vision_tower',
-    'lora:language_model', 'multi_modal_projector' (modules_to_save), ... The same on both backends."""
+    'lora:language_model', 'multi_modal_projector' (modules_to_save), ... (the family's names,
+    stages/lib/families/). The same on both backends."""
+    groups = (*family.MODULES_TO_SAVE, family.VISION_TOWER, family.LANGUAGE_MODEL)
     counts = defaultdict(int)
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        parts = name.split(".")
-        tower = next((t for t in ("vision_tower", "language_model", "multi_modal_projector") if t in parts), "other")
-        kind = "lora" if any(p.startswith("lora_") for p in parts) else "full"
-        counts[tower if kind == "full" else f"lora:{tower}"] += param.numel()
+        group = next((g for g in groups if f".{g}." in f".{name}."), "other")
+        lora = any(p.startswith("lora_") for p in name.split("."))
+        counts[f"lora:{group}" if lora else group] += param.numel()
     return dict(sorted(counts.items()))
 
 
@@ -355,7 +363,7 @@ def check_row_lengths(base_dir, rows, config):
     if not limits:
         return
     limit, what = min(limits)
-    prompt = prompt_length(base_dir, tokenizer, config["instruction"])
+    prompt = prompt_length(base_dir, tokenizer, config["instruction"], config.get("image"))
     answers = tokenizer([r["ocr_text"] for r in rows], add_special_tokens=False)["input_ids"]
     too_long = [(i, prompt + len(ids) + 1) for i, ids in enumerate(answers) if prompt + len(ids) + 1 > limit]
     if too_long:
@@ -511,11 +519,6 @@ def import_unsloth_first(backend):
         import unsloth  # noqa: F401
 
 
-# Trained fully beside the LoRA adapters, on both backends: the projector (a bare parameter on Gemma 3,
-# which LoRA cannot reach) maps image features into the language model.
-MODULES_TO_SAVE = ["multi_modal_projector"]
-
-
 def unsloth_max_seq_length(config, base_dir):
     """What unsloth is told (FastVisionModel.from_pretrained max_seq_length, default 2048, which its
     trainer otherwise caps args.max_length to): max_seq_length, or the model's context when null."""
@@ -526,13 +529,15 @@ def unsloth_max_seq_length(config, base_dir):
 
 def load_for_training(config, base_dir, backend):
     """(model with LoRA adapters, processor) for the chosen backend. The processor is ours on both
-    (load_processor with the `image` settings); the LoRA targets (lora_targets) and MODULES_TO_SAVE
-    are the same on both: params alone decide what trains."""
+    (load_processor with the `image` settings); the LoRA targets (lora_targets) and the family's
+    MODULES_TO_SAVE (the projector, trained fully) are the same on both: params alone decide what trains."""
     import torch
 
+    from .families import family_image_settings, family_of
     from .modeling import load_model, load_processor
 
-    processor = load_processor(base_dir, config.get("image"))
+    family = family_of(base_dir)
+    processor = load_processor(base_dir, family_image_settings(family, config.get("image")))
     if backend == "unsloth":
         from unsloth import FastVisionModel
 
@@ -543,7 +548,7 @@ def load_for_training(config, base_dir, backend):
         # True here, unsloth would otherwise filter the list again through its own regex)
         model = FastVisionModel.get_peft_model(
             model, r=config["lora_r"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
-            target_modules=lora_targets(model, config), modules_to_save=list(MODULES_TO_SAVE),
+            target_modules=lora_targets(model, config, family), modules_to_save=list(family.MODULES_TO_SAVE),
             finetune_vision_layers=True, finetune_language_layers=True, finetune_attention_modules=True,
             finetune_mlp_modules=True, bias="none", random_state=config["seed"])
         return model, processor
@@ -554,7 +559,7 @@ def load_for_training(config, base_dir, backend):
     if config["load_in_4bit"]:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=torch.cuda.is_available())
     lora = LoraConfig(r=config["lora_r"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
-                      target_modules=lora_targets(model, config), modules_to_save=list(MODULES_TO_SAVE),
+                      target_modules=lora_targets(model, config, family), modules_to_save=list(family.MODULES_TO_SAVE),
                       bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora), processor
 
@@ -610,6 +615,7 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
     import torch
     from trl import SFTTrainer
 
+    from .families import family_of
     from .images import load_image
     from .io import MARKER, MARKER_TEXT, atomic_dir, check_replaceable, read_json
     from .metrics import bootstrap_intervals, corpus_cer, score_pairs
@@ -651,7 +657,7 @@ def run_training(config, base_dir, train_rows, val_rows, output_dir, *, callback
                          eval_dataset=split_dataset(val_rows), data_collator=collator, processing_class=processor,
                          callbacks=cer + list(callbacks) + live)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    modules = trainable_modules(model)
+    modules = trainable_modules(model, family_of(base_dir))
     total = sum(p.numel() for p in model.parameters())
     start = time.time()
     result = trainer.train(resume_from_checkpoint=last)

@@ -1,34 +1,90 @@
-"""The folder layout of real Gemma 3 checkpoints (google/gemma-3-*-it), which vLLM's Gemma 3
-loader expects, written whatever the installed transformers saves by default.
+"""Gemma 3 (google/gemma-3-*-it, model_type gemma3): the default family.
 
-Real checkpoints store
-    language_model.model.*        (the text decoder; no lm_head: it is tied to the embeddings)
-    multi_modal_projector.*
-    vision_tower.vision_model.*   (SigLIP without its pooling head: config vision_use_head false)
-and their tokenizer has Gemma's newline tokens "\\n\\n", "\\n\\n\\n", "\\n\\n\\n\\n" (vLLM's Gemma 3
-processor looks them up by name). transformers 5.24 saves a Gemma 3 built from a config as
-`vision_tower.embeddings...` with a `vision_tower.head.*` (a spike found vLLM refusing both);
-loaded from the real layout, it reads and re-saves the real layout with no missing keys.
-Gemma 3 never uses the head (the projector reads the tower's last hidden state), so dropping it
-changes no output; merge's parity check proves that on every merge.
+Image: fixed square resize (896 px on real checkpoints, 256 soft tokens), optional pan-and-scan
+crops for pages (the four settings below; vLLM takes the same names in --mm-processor-kwargs:
+vllm/model_executor/models/gemma3_mm.py reads them from images_kwargs). Key layout: the real
+checkpoints' (below), which vLLM 0.33.0's gemma3_mm.py maps with
+hf_to_vllm_mapper below. The tiny model: stages/lib/tinymodel.py.
 """
 import json
 import os
+import sys
 from pathlib import Path
 
-from .cli import UserError
+from ..cli import UserError
+from . import vllm_layout
 
-NEWLINE_TOKENS = ("\n\n", "\n\n\n", "\n\n\n\n")
-# transformers' in-memory names -> the real checkpoints' names, first match wins.
-PREFIXES = (
+MODEL_TYPE = "gemma3"
+TITLE = "Gemma 3"
+ARCHITECTURE = "Gemma3ForConditionalGeneration"
+STOP_TOKENS = ("<end_of_turn>",)
+VISION_TOWER, LANGUAGE_MODEL = "vision_tower", "language_model"
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj")   # SigLIP: out_proj
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2")         # SigLIP: fc1, fc2
+LINEAR_WRAPPED = ""
+# A bare parameter (mm_input_projection_weight): LoRA cannot reach it, so it trains fully.
+MODULES_TO_SAVE = ("multi_modal_projector",)
+IMAGE_SETTINGS = {
+    "do_pan_and_scan": "crop pages into tiles beside the whole image (each crop: mm_tokens_per_image more tokens)",
+    "pan_and_scan_max_num_crops": "most crops per image",
+    "pan_and_scan_min_crop_size": "smallest crop side in pixels",
+    "pan_and_scan_min_ratio_to_activate": "aspect ratio from which an image is cropped",
+}
+# vLLM 0.33.0 vllm/model_executor/models/gemma3_mm.py, Gemma3ForConditionalGeneration.hf_to_vllm_mapper
+VLLM_WEIGHT_PREFIXES = (
     ("model.language_model.", "language_model.model."),
     ("model.vision_tower.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("lm_head.", "language_model.lm_head."),
 )
+# its modules (self.vision_tower = SiglipVisionModel, whose weights are vision_model.*)
+VLLM_MODULES = ("language_model.model.", "language_model.lm_head.", "multi_modal_projector.",
+                "vision_tower.vision_model.")
+CHAT_TEMPLATE = "gemma3.jinja"
+UNSLOTH = "FastVisionModel.from_pretrained (unsloth 2026.10.9 lists gemma3)"
+
+
+def saved_setting(saved, name):
+    return saved.get(name)
+
+
+def image_tokens(config, settings):
+    """mm_tokens_per_image for the whole image, and as much again per pan-and-scan crop."""
+    per_image = config.get("mm_tokens_per_image") or 256
+    crops = settings.get("pan_and_scan_max_num_crops") or 0 if settings.get("do_pan_and_scan") else 0
+    return per_image * (1 + crops)
+
+
+def build_tiny(output_dir, alphabet, *, seed=0, **sizes):
+    from ..tinymodel import build_tiny_model
+
+    return build_tiny_model(output_dir, alphabet, seed=seed, **sizes)
+
+
+def write_layout(folder):
+    return write_real_layout(folder)
+
+
+# ---------------------------------------------------------------- the real checkpoints' layout
+# The folder layout of real Gemma 3 checkpoints (google/gemma-3-*-it), which vLLM's Gemma 3
+# loader expects, written whatever the installed transformers saves by default.
+#
+# Real checkpoints store
+#     language_model.model.*        (the text decoder; no lm_head: it is tied to the embeddings)
+#     multi_modal_projector.*
+#     vision_tower.vision_model.*   (SigLIP without its pooling head: config vision_use_head false)
+# and their tokenizer has Gemma's newline tokens "\\n\\n", "\\n\\n\\n", "\\n\\n\\n\\n" (vLLM's Gemma 3
+# processor looks them up by name). transformers 5.24 saves a Gemma 3 built from a config as
+# `vision_tower.embeddings...` with a `vision_tower.head.*` (a spike found vLLM refusing both);
+# loaded from the real layout, it reads and re-saves the real layout with no missing keys.
+# Gemma 3 never uses the head (the projector reads the tower's last hidden state), so dropping it
+# changes no output; merge's parity check proves that on every merge.
+
+NEWLINE_TOKENS = ("\n\n", "\n\n\n", "\n\n\n\n")
+# transformers' in-memory names -> the real checkpoints' names, first match wins: vLLM's own mapping.
+PREFIXES = VLLM_WEIGHT_PREFIXES
 VISION = "vision_tower."
-REAL_PREFIXES = ("language_model.model.", "language_model.lm_head.", "multi_modal_projector.",
-                 "vision_tower.vision_model.")
+REAL_PREFIXES = VLLM_MODULES
 INDEX = "model.safetensors.index.json"
 
 
@@ -48,11 +104,6 @@ def real_key(key, tied):
     if key.startswith("language_model.lm_head.") and tied:
         return None
     return key
-
-
-def is_gemma3(folder):
-    config = Path(folder) / "config.json"
-    return config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == "gemma3"
 
 
 def _tied(config):
@@ -128,4 +179,4 @@ def layout_problems(folder):
     missing = [t.replace("\n", "\\n") for t in NEWLINE_TOKENS if t not in vocab]
     if missing:
         problems.append(f"the tokenizer lacks Gemma's newline tokens {missing}")
-    return problems
+    return problems + vllm_layout.problems(sys.modules[__name__], folder)
