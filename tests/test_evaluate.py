@@ -169,7 +169,7 @@ def test_the_seeds_command_runs_without_max_tokens(tiny_rows, tmp_path):
     doc = json.loads(out.read_text(encoding="utf-8"))
     assert doc["generation"]["max_tokens"] is None
     assert [r["finish_reason"] for r in doc["samples"]].count("length") == 1
-    assert "1 truncated" in done.stdout and "cut by max_tokens the server's limit" in done.stderr
+    assert "1 truncated" in done.stdout and "into max_tokens the server's limit" in done.stderr
 
 
 def test_tesseract_engine_uses_the_same_format(tiny_rows, tmp_path):

@@ -41,7 +41,8 @@ def test_training_arguments_use_the_current_checkpointing_name():
 
     config = {"report_to": "none", "per_device_train_batch_size": 4, "num_processes": 1, "seed": 0,
               "learning_rate": 1.0e-3, "num_train_epochs": 1.0, "gradient_accumulation_steps": 1,
-              "warmup_ratio": 0.0, "weight_decay": 0.0, "logging_steps": 1, "eval_steps": 1, "max_seq_length": 64}
+              "warmup_ratio": 0.0, "weight_decay": 0.0, "logging_steps": 1, "eval_steps": 1, "max_seq_length": 64,
+              "best_metric": "eval_loss"}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         args = sft_config(config, "/tmp/unused-checkpoints", "transformers")

@@ -85,7 +85,7 @@ function image(s) {
   const img = s.thumb ? `<img loading="lazy" src="${esc(s.thumb)}" alt="${esc(s.image_path)}">`
                       : '<span class="muted">(image unreadable)</span>';
   // a relative path as a URL: each segment encoded (a '#', '?' or '%' in a file name is not a URL's)
-  const href = s.full && s.full.split("/").map(encodeURIComponent).join("/");
+  const href = s.full;   // already a quoted relative URL (stages/browse.py full_size_link)
   const full = s.full ? ` <a href="${esc(href)}" target="_blank">full size</a>` : "";
   return `${img}<div class="figs">${esc(s.image_path)}${full}</div>`;
 }
