@@ -7,7 +7,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 TEST_STAMP := $(VENV)/.setup-test-done
 
-.PHONY: setup setup-test repro test bench readme clean-venv
+.PHONY: setup setup-test repro test test-e2e bench readme clean-venv
 
 setup: $(STAMP)
 
@@ -25,8 +25,11 @@ repro: setup
 	$(BIN)/dvc repro
 	@cat metrics/summary.md 2>/dev/null || true
 
-test: setup setup-test
-	$(BIN)/python -m pytest -q tests
+test: setup setup-test   # everything but the whole-pipeline runs (marker e2e)
+	$(BIN)/python -m pytest -q -m "not e2e" tests
+
+test-e2e: setup setup-test   # the whole-pipeline runs: real DVC projects, the 896 px model (CI runs both)
+	$(BIN)/python -m pytest -q -m e2e tests
 
 bench: setup
 	$(BIN)/python -m bench.bench_score

@@ -16,6 +16,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from stages.lib.synthetic import charset, random_line, render_line  # noqa: E402
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: a whole-pipeline run (real DVC project or 896 px model); "
+                                       "`make test` leaves these out, `make test-e2e` runs only them")
+
 SERIF = "NotoSerifCJK-Regular.ttc:Noto Serif CJK TC"
 
 

@@ -21,6 +21,8 @@ from stages.lib.training import OcrCollator
 sys.path.insert(0, str(ROOT / "tools"))
 import compare_backends  # noqa: E402
 
+pytestmark = pytest.mark.e2e   # base -> train -> merge -> evaluate -> score at 896 px: `make test-e2e`
+
 # 1344x896 pages: aspect 1.5, so Gemma 3's pan-and-scan (min crop 256 px, ratio from 1.2) adds 2 crops
 PAGE = (1344, 896)
 CROPS = 2

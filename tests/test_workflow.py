@@ -34,7 +34,8 @@ ENV.pop("PYTHONPATH", None)
 N_TRIALS = 2
 QUEUE_LIMIT_S = 1200
 
-pytestmark = pytest.mark.skipif(DVC is None, reason="dvc is not installed")
+# e2e: whole-pipeline runs through DVC, in `make test-e2e` (CI runs it after `make test`)
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(DVC is None, reason="dvc is not installed")]
 
 
 def shrink(params):
