@@ -116,10 +116,11 @@ def run_points(settings, base_dir, train_rows, val_rows, work_dir):
                            "repeat": repeat, "seed": point_config["seed"], "readings": readings,
                            "trained_by": "train stage" if reused else "learning_curve",
                            **{k: metrics[k] for k in ("eval_loss", "best_step", "global_step", "trainable_params")}})
-            # a reused point cost what the train stage's run cost (its own figures), plus this reading
+            # a reused point cost what the train stage's run cost (its own figures; absent when train ran outside
+            # DVC or under torchrun, whose launcher records no training figures), plus this reading
             runtimes.append({"train_rows": len(rows), "repeat": repeat, "trained_by": points[-1]["trained_by"],
                              **{k: metrics.get(k) for k in RUNTIME_KEYS},
-                             "point_wall_s": metrics["runtime_s"] if reused else cost["wall_s"],
+                             "point_wall_s": metrics.get("runtime_s") if reused else cost["wall_s"],
                              **({} if reused else {k: cost[k] for k in ("peak_rss_mib", "cuda_max_memory_allocated_mib")})})
     return points, runtimes, base_readings
 

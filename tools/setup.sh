@@ -55,7 +55,7 @@ else
     echo "setup: $CPU_INDEX does not answer: torch from pip's configured index"
     .venv/bin/pip install -q torch==2.13.0
   fi
-  .venv/bin/python -c "import torch; print('setup: torch', torch.__version__, '(CUDA ' + torch.version.cuda + ' build)' if torch.version.cuda else '(CPU build)')"
+  .venv/bin/python -W ignore -c "import torch; print('setup: torch', torch.__version__, '(CUDA ' + torch.version.cuda + ' build)' if torch.version.cuda else '(CPU build)')"
   .venv/bin/pip install -q -r requirements.txt
 fi
 .venv/bin/pip check
