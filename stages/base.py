@@ -1,8 +1,9 @@
 """base: the model that training starts from -> models/base/ (+ metrics/base.json).
 
-model_name "tiny" (the default, no hub needed): build a small Gemma 3 from params `base`
-(stages/lib/tinymodel.py; its character tokenizer covers synthetic.charset() plus every
-character of the non-test split) and pre-train it fully on `base.pretrain_lines` separate
+model_name "tiny" (the default, no hub needed): build a small model of the family `base.family`
+(gemma3, the default: stages/lib/tinymodel.py; gemma4, qwen3_vl: their modules in
+stages/lib/families/, with their real processor settings) from params `base` (its character
+tokenizer covers synthetic.charset() plus every character of the non-test split) and pre-train it fully on `base.pretrain_lines` separate
 synthetic lines in the sans fonts of `base.fonts`. The dataset is serif: fine-tuning then
 adapts the base to a new domain, as with a real pretrained checkpoint.
 Pre-training text: synthetic.random_line (receipt-like lines, other random draws than the
@@ -23,7 +24,7 @@ from collections import Counter
 
 from .lib import params as P
 from .lib.cli import UserError, record_runtime, run_main
-from .lib.families import family_of, resolution_settings
+from .lib.families import FAMILIES, family_of, resolution_settings
 from .lib.io import atomic_dir, atomic_write_json, read_split
 from .lib.metrics import corpus_cer
 from .lib.modeling import SOURCE_FILE, check_model_dir, load_model, load_processor, read_images
@@ -38,6 +39,7 @@ def read_params(params):
     cfg = {"model_name": P.get(params, "model_name", str), "instruction": P.get(params, "instruction", str)}
     if cfg["model_name"] != "tiny":
         return cfg
+    cfg["family"] = P.get(params, "base.family", str, choices=sorted(FAMILIES))
     for key in ("seed", "image_size", "text_hidden_size", "text_layers", "vision_hidden_size", "vision_layers",
                 "pretrain_lines", "pretrain_steps", "pretrain_batch_size"):
         cfg[key] = P.get(params, f"base.{key}", int, minimum=0 if key == "seed" else 1)
@@ -120,7 +122,7 @@ def main(argv=None):
         return
 
     from .lib.synthetic import charset
-    from .lib.tinymodel import build_tiny_model, pretrain
+    from .lib.tinymodel import pretrain
 
     rows = read_split(args.non_test)
     warn_if_not_grid(rows, cfg["image_size"])
@@ -128,21 +130,24 @@ def main(argv=None):
     samples = render_pretraining_lines(cfg)
     n_held = held_out_count(cfg)
     held_out, samples = samples[:n_held], samples[n_held:]
-    sizes = {k: cfg[k] for k in ("seed", "image_size", "text_hidden_size", "text_layers",
-                                 "vision_hidden_size", "vision_layers")}
+    family = FAMILIES[cfg["family"]]
+    sizes = {k: cfg[k] for k in ("seed", "text_hidden_size", "text_layers", "vision_hidden_size", "vision_layers")}
+    if family.MODEL_TYPE == "gemma3":   # the demo's own geometry: one image token per 32 px character cell
+        sizes["image_size"] = cfg["image_size"]
     with atomic_dir(args.output, inputs=[args.non_test]) as tmp:
-        build_tiny_model(tmp, alphabet, **sizes)
+        family.build_tiny(tmp, alphabet, **sizes)
         stats = pretrain(tmp, samples, cfg["instruction"], steps=cfg["pretrain_steps"],
                          learning_rate=cfg["pretrain_learning_rate"], batch_size=cfg["pretrain_batch_size"],
                          seed=cfg["seed"])
         model, processor = load_model(tmp), load_processor(tmp)
         predictions = read_images(model, processor, [image for image, _ in held_out], cfg["instruction"])
         stats["pretrain_held_out_cer"] = corpus_cer([text for _, text in held_out], predictions)
-    stats.update(vocab_size=len(processor.tokenizer), parameters=sum(p.numel() for p in model.parameters()))
+    stats.update(family=family.MODEL_TYPE, vocab_size=len(processor.tokenizer),
+                 parameters=sum(p.numel() for p in model.parameters()))
     seconds = stats.pop("pretrain_runtime_s")
     record_runtime(pretrain_s=seconds)   # machine-varying: metrics/runtime/base.json, not metrics/base.json
     atomic_write_json(args.metrics, stats)
-    print(f"base: tiny Gemma 3 ({stats['parameters']:,} parameters) pre-trained {cfg['pretrain_steps']} steps "
+    print(f"base: tiny {family.TITLE} ({stats['parameters']:,} parameters) pre-trained {cfg['pretrain_steps']} steps "
           f"in {seconds} s; CER (raw text) on {n_held} held-out sans lines {stats['pretrain_held_out_cer']:.4f}")
 
 

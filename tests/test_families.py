@@ -4,11 +4,10 @@ Gemma 4 and Qwen3-VL are checked here as far as this CPU machine allows: their t
 offline with the real processor settings, LoRA reaches both towers through the family's names,
 the merge writes the key layout vLLM 0.33.0's loader for the family places (its weight-name
 mapping, copied from its source: tools/check_vllm_mappings.py compares them), and the merged folder
-reloads strictly with the merged weights. Their processors cannot load here (they hold a video
-processor that needs torchvision, which has no CPU build): that is one clear line, tested too.
-Gemma 3 goes end to end in test_workflow.py and test_vllm_layout.py.
+reloads strictly with the merged weights. Their processors (with a torchvision video processor) load
+from the saved folders. Every family goes end to end through DVC in test_family_pipeline.py;
+Gemma 3 also in test_workflow.py and test_vllm_layout.py.
 """
-import importlib.util
 import json
 import os
 import shutil
@@ -167,14 +166,16 @@ def test_image_tokens_follow_the_resolution_settings():
     assert qwen3_vl.image_tokens({}, {"size": {"shortest_edge": 65536, "longest_edge": 1024 * 1024}}) == 1024
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed here")
 @pytest.mark.parametrize("family", NEW, ids=lambda f: f.MODEL_TYPE)
-def test_a_processor_that_needs_torchvision_is_one_line(tiny_dirs, family):
+def test_the_family_processor_loads_with_its_video_processor(tiny_dirs, family):
+    """The CPU set installs torchvision (tools/setup.sh), so the family's Processor class loads as
+    saved, its torchvision-built video processor included, and expands the image token."""
     from stages.lib.modeling import load_processor
 
-    with pytest.raises(UserError) as err:
-        load_processor(tiny_dirs[family.MODEL_TYPE])
-    assert "needs torchvision" in str(err.value) and "\n" not in str(err.value)
+    processor = load_processor(tiny_dirs[family.MODEL_TYPE])
+    assert type(processor).__name__ == json.loads(
+        (tiny_dirs[family.MODEL_TYPE] / "processor_config.json").read_text())["processor_class"]
+    assert processor.video_processor is not None
 
 
 # ---------------------------------------------------------------- LoRA, merge and the vLLM layout
@@ -325,39 +326,24 @@ def test_the_chat_template_writes_the_answer_after_the_generation_prompt(tiny_di
     assert tokenizer.image_token in prompt and prompt.index(tokenizer.image_token) < prompt.index(DEFAULT_INSTRUCTION)
 
 
-# ---------------------------------------------------------------- reading images without the Processor class
+# ---------------------------------------------------------------- reading images through the family's Processor
 
-def image_inputs(folder, family, image, answer=None):
-    """Model inputs for one image as the family's Processor builds them (it cannot load here: torchvision):
-    the image processor the folder saves (PIL backend, runs without torchvision), the chat template's
-    prompt with the image token expanded as the Processor expands it (Gemma 4: boi + N soft tokens + eoi,
-    N from the image processor; Qwen3-VL: grid t*h*w / 2^2), and mm_token_type_ids marking image tokens.
-    With `answer`: the answer and stop token appended, labels on them only (as OcrCollator does)."""
-    from transformers import AutoTokenizer, Gemma4ImageProcessorPil, Qwen2VLImageProcessorPil
+def image_inputs(folder, family, row, answer=False):
+    """Model inputs for one split row as training builds them: the family's own Processor (loaded from
+    the folder, torchvision's video processor included) through OcrCollator, the prompt with the image
+    tokens expanded by the Processor. With `answer`: the row's text and stop token appended, labels on
+    them only."""
+    from stages.lib.modeling import load_processor
+    from stages.lib.prompt import DEFAULT_INSTRUCTION
+    from stages.lib.training import OcrCollator
 
-    from stages.lib.prompt import DEFAULT_INSTRUCTION, user_turn
-
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    saved = json.loads((Path(folder) / "processor_config.json").read_text())["image_processor"]
-    saved = {k: v for k, v in saved.items() if k != "image_processor_type"}
-    if family is gemma4:
-        features = dict(Gemma4ImageProcessorPil(**saved)([image], return_tensors="pt"))
-        n = int(features.pop("num_soft_tokens_per_image")[0])
-        expanded = tokenizer.boi_token + tokenizer.image_token * n + tokenizer.eoi_token
-    else:
-        features = dict(Qwen2VLImageProcessorPil(**saved)([image], return_tensors="pt"))
-        expanded = tokenizer.image_token * (int(features["image_grid_thw"][0].prod()) // 4)
-    prompt = tokenizer.apply_chat_template([user_turn(DEFAULT_INSTRUCTION)], add_generation_prompt=True, tokenize=False)
-    text = prompt.replace(tokenizer.image_token, expanded, 1)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    labels = torch.full_like(ids, -100)
-    if answer is not None:
-        tail = tokenizer(answer + family.STOP_TOKENS[0], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-        ids, labels = torch.cat([ids, tail]), torch.cat([labels, tail])
-    image_id = tokenizer.convert_tokens_to_ids(tokenizer.image_token)
-    inputs = {"input_ids": ids[None], "attention_mask": torch.ones_like(ids)[None],
-              "mm_token_type_ids": (ids == image_id).long()[None], **features}
-    return (inputs, labels[None]) if answer is not None else inputs
+    collator = OcrCollator(load_processor(folder), DEFAULT_INSTRUCTION)
+    if answer:
+        batch = collator([row])
+        return batch, batch.pop("labels")
+    inputs = collator.processor(text=[collator.prompt], images=[[collator.read_image(row)]], return_tensors="pt",
+                                add_special_tokens=False)
+    return dict(inputs)
 
 
 @pytest.mark.parametrize("family", NEW, ids=lambda f: f.MODEL_TYPE)
@@ -365,12 +351,10 @@ def test_the_merged_folder_reads_an_image_like_base_plus_adapter(tiny_dirs, tiny
     """The merge's parity on an image: the merged folder, reloaded strictly, gives the logits of the
     unmerged base + adapter; the vision LoRA alone moves them far more (an unmerged vision tower
     would not pass unnoticed)."""
-    from PIL import Image
-
     from stages.lib.merging import load_base, vision_lora_off
 
     folder = tiny_dirs[family.MODEL_TYPE]
-    inputs = image_inputs(folder, family, Image.open(tiny_rows[0]["image_path"]).convert("RGB"))
+    inputs = image_inputs(folder, family, tiny_rows[0])
     peft_model, _ = lora_model(folder, family)
     peft_model.eval()
     with torch.no_grad():
@@ -393,12 +377,9 @@ def test_the_merged_folder_reads_an_image_like_base_plus_adapter(tiny_dirs, tiny
 def test_lora_training_on_images_lowers_the_loss(tiny_dirs, tiny_rows, family):
     """A few AdamW steps of LoRA (the family's targets and projector) on rendered lines, loss on the
     answer only: the loss falls. The tiny model is untrained; this shows the training path reaches
-    the family's model through its image inputs, not that it reads (that needs its Processor)."""
-    from PIL import Image
-
+    the family's model through its image inputs (test_family_pipeline.py shows a pre-trained one reads)."""
     folder = tiny_dirs[family.MODEL_TYPE]
-    batch = [image_inputs(folder, family, Image.open(r["image_path"]).convert("RGB"), r["ocr_text"])
-             for r in tiny_rows[:4]]
+    batch = [image_inputs(folder, family, r, answer=True) for r in tiny_rows[:4]]
     peft_model, _ = lora_model(folder, family)
     peft_model.train()
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-3)

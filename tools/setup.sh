@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command set-up (`make setup`): system packages, then .venv with pinned packages.
 # `tools/setup.sh --test` (`make test` runs it) installs only the system packages the tests alone need.
-# torch is installed first, alone, so nothing later pulls a multi-GB CUDA build on a CPU machine.
+# torch and torchvision are installed first, alone, as a matched pair.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,17 +45,20 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && [ "
   echo "setup: CUDA GPU found: installing the GPU set (requirements-gpu.txt)"
   .venv/bin/pip install -q -r requirements-gpu.txt
 else
-  # The CPU build of torch whatever the pip configuration: plain PyPI gives the CUDA build (+ ~18 CUDA
-  # packages, several GB). PyTorch's CPU index when it answers within a few seconds, else pip's own index.
+  # torch and torchvision first, alone, so nothing later pulls another build. torchvision: Gemma 4's and
+  # Qwen3-VL's processors hold a video processor built on it. PyTorch's CPU index (CPU builds) when it
+  # answers within a few seconds; else pip's own index, whose builds of this pair are CUDA builds that run
+  # on the CPU (~5.5 GB in .venv; PyPI's torchvision does not load beside a CPU-only torch).
   CPU_INDEX="${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+  TORCH_PAIR="torch==2.14.1 torchvision==0.29.1"
   if timeout 8 .venv/bin/python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/torch/', timeout=5)" \
       "$CPU_INDEX" >/dev/null 2>&1; then
-    .venv/bin/pip install -q torch==2.13.0 --index-url "$CPU_INDEX"
+    .venv/bin/pip install -q $TORCH_PAIR --index-url "$CPU_INDEX"
   else
-    echo "setup: $CPU_INDEX does not answer: torch from pip's configured index"
-    .venv/bin/pip install -q torch==2.13.0
+    echo "setup: $CPU_INDEX does not answer: torch and torchvision from pip's configured index"
+    .venv/bin/pip install -q $TORCH_PAIR
   fi
-  .venv/bin/python -W ignore -c "import torch; print('setup: torch', torch.__version__, '(CUDA ' + torch.version.cuda + ' build)' if torch.version.cuda else '(CPU build)')"
+  .venv/bin/python -W ignore -c "import torch, torchvision; print('setup: torch', torch.__version__, 'torchvision', torchvision.__version__, '(CUDA ' + torch.version.cuda + ' build, runs on the CPU)' if torch.version.cuda else '(CPU build)')"
   .venv/bin/pip install -q -r requirements.txt
 fi
 .venv/bin/pip check

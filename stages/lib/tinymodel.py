@@ -17,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-from .families import tiny
+from .families import family_of, tiny
 from .families.gemma3 import write_real_layout
 
 # Gemma's special tokens, in Gemma's order for the first ids (pad 0, eos 1, bos 2, unk 3).
@@ -111,7 +111,7 @@ def build_tiny_model(output_dir, alphabet, *, seed=0, image_size=128, text_hidde
 
 
 def pretrain(model_dir, samples, instruction, *, steps, learning_rate, batch_size, seed, warmup_steps=50):
-    """Full (no LoRA) pre-training of the tiny model in model_dir on (PIL image, text) samples,
+    """Full (no LoRA) pre-training of the tiny model (any family) in model_dir on (PIL image, text) samples,
     in place: AdamW, linear warm-up then cosine, clip 1.0; loss on the answer only (TRL's
     collator on in-memory images; fine-tuning uses training.OcrCollator: the same prompt and masking). Returns {"pretrain_loss": mean of the last 50 steps, ...}."""
     import random
@@ -145,7 +145,7 @@ def pretrain(model_dir, samples, instruction, *, steps, learning_rate, batch_siz
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.save_pretrained(str(model_dir))
-    write_real_layout(model_dir)   # a no-op when transformers kept the layout it loaded
+    family_of(model_dir).write_layout(model_dir)   # the real checkpoints' key layout (Gemma 3: rewritten)
     tail = losses[-50:]
     return {"pretrain_loss": sum(tail) / len(tail), "pretrain_first_loss": losses[0],
             "pretrain_runtime_s": round(time.time() - start, 2), "pretrain_steps": steps}

@@ -6,7 +6,7 @@ in vLLM's --mm-processor-kwargs (vllm/model_executor/models/gemma4_mm.py _get_ma
 Key layout: what transformers 5 saves (model.language_model.*, model.vision_tower.*,
 model.embed_vision.*), which vLLM 0.33.0 maps itself (hf_to_vllm_mapper below); its vision tower
 there is transformers' own Gemma4VisionModel (AutoModel.from_config), so the inner names match.
-Not runnable on this CPU machine: Gemma4Processor needs torchvision (its video processor).
+Gemma4Processor needs torchvision (its video processor): the CPU set installs it (tools/setup.sh).
 """
 import sys
 
@@ -50,12 +50,14 @@ def image_tokens(config, settings):
     return settings.get("max_soft_tokens") or (config.get("vision_config") or {}).get("default_output_length") or 280
 
 
-def build_tiny(output_dir, alphabet, *, seed=0, max_soft_tokens=70, text_hidden_size=64, vision_hidden_size=32):
+def build_tiny(output_dir, alphabet, *, seed=0, max_soft_tokens=70, text_hidden_size=64, vision_hidden_size=32,
+               text_layers=2, vision_layers=2):
     """An untrained tiny Gemma 4 with the real processor settings (patch 16, pooling 3, the soft-token
     budget), Gemma 4's chat template and special tokens; hidden sizes tiny, no audio tower."""
     import torch
     from transformers import (Gemma4AudioFeatureExtractor, Gemma4Config, Gemma4ForConditionalGeneration,
-                              Gemma4ImageProcessorPil, Gemma4TextConfig, Gemma4VisionConfig, GenerationConfig)
+                              Gemma4ImageProcessor, Gemma4Processor, Gemma4TextConfig, Gemma4VideoProcessor,
+                              Gemma4VisionConfig, GenerationConfig)
 
     tokenizer = tiny.char_tokenizer(
         alphabet, SPECIALS, tiny.chat_template(CHAT_TEMPLATE), bos_token="<bos>", eos_token="<eos>",
@@ -65,12 +67,14 @@ def build_tiny(output_dir, alphabet, *, seed=0, max_soft_tokens=70, text_hidden_
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIALS}
     text = Gemma4TextConfig(
         vocab_size=len(tokenizer), vocab_size_per_layer_input=len(tokenizer), hidden_size=text_hidden_size,
-        intermediate_size=4 * text_hidden_size, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=32, global_head_dim=32, hidden_size_per_layer_input=16, max_position_embeddings=2048,
-        sliding_window=512, layer_types=["sliding_attention", "full_attention"],
+        intermediate_size=4 * text_hidden_size, num_hidden_layers=text_layers, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, global_head_dim=32, hidden_size_per_layer_input=16,
+        max_position_embeddings=2048, sliding_window=512,
+        layer_types=["sliding_attention"] * (text_layers - 1) + ["full_attention"],
         pad_token_id=ids["<pad>"], eos_token_id=ids["<eos>"], bos_token_id=ids["<bos>"])
     vision = Gemma4VisionConfig(hidden_size=vision_hidden_size, intermediate_size=4 * vision_hidden_size,
-                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                num_hidden_layers=vision_layers, num_attention_heads=2, num_key_value_heads=2,
+                                head_dim=16,
                                 patch_size=16, pooling_kernel_size=3, default_output_length=max_soft_tokens)
     config = Gemma4Config(text_config=text, vision_config=vision, audio_config=None,
                           boi_token_id=ids["<|image>"], eoi_token_id=ids["<image|>"], image_token_id=ids["<|image|>"],
@@ -80,12 +84,12 @@ def build_tiny(output_dir, alphabet, *, seed=0, max_soft_tokens=70, text_hidden_
     model = Gemma4ForConditionalGeneration(config)
     model.generation_config = GenerationConfig(bos_token_id=ids["<bos>"], pad_token_id=ids["<pad>"],
                                                eos_token_id=[ids["<eos>"], ids["<turn|>"]], do_sample=False)
-    image_processor = Gemma4ImageProcessorPil(max_soft_tokens=max_soft_tokens, patch_size=16, pooling_kernel_size=3)
+    processor = Gemma4Processor(
+        feature_extractor=Gemma4AudioFeatureExtractor(), tokenizer=tokenizer, video_processor=Gemma4VideoProcessor(),
+        image_processor=Gemma4ImageProcessor(max_soft_tokens=max_soft_tokens, patch_size=16, pooling_kernel_size=3),
+        chat_template=tokenizer.chat_template, image_seq_length=max_soft_tokens)
     model.save_pretrained(str(output_dir))
-    tiny.save_processor_files(output_dir, tokenizer, image_processor, "Gemma4Processor",
-                              feature_extractor=tiny.settings_of(Gemma4AudioFeatureExtractor()),
-                              video_processor={"video_processor_type": "Gemma4VideoProcessor"},
-                              image_seq_length=max_soft_tokens, audio_seq_length=750, audio_ms_per_token=40)
+    processor.save_pretrained(str(output_dir))
     return output_dir
 
 

@@ -10,7 +10,7 @@ declared here; vLLM takes the same `size` (or min_pixels / max_pixels) in --mm-p
 lm_head.* when untied), which vLLM 0.33.0 maps itself (hf_to_vllm_mapper below; its vision
 transformer uses transformers' names: patch_embed.proj, pos_embed, blocks.N.attn.qkv,
 mlp.linear_fc1/2, merger, deepstack_merger_list).
-Not runnable on this CPU machine: Qwen3VLProcessor needs torchvision (its video processor).
+Qwen3VLProcessor needs torchvision (its video processor): the CPU set installs it (tools/setup.sh).
 """
 import sys
 
@@ -59,12 +59,12 @@ def image_tokens(config, settings):
 
 
 def build_tiny(output_dir, alphabet, *, seed=0, min_pixels=128 * 128, max_pixels=256 * 256, text_hidden_size=64,
-               vision_hidden_size=32):
+               vision_hidden_size=32, text_layers=2, vision_layers=2):
     """An untrained tiny Qwen3-VL with the real processor settings (patch 16, 2x2 merge, temporal
     patch 2, mean/std 0.5; the pixel range given), Qwen3-VL's chat template and special tokens."""
     import torch
-    from transformers import (GenerationConfig, Qwen2VLImageProcessorPil, Qwen3VLConfig,
-                              Qwen3VLForConditionalGeneration)
+    from transformers import (GenerationConfig, Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                              Qwen3VLProcessor, Qwen3VLVideoProcessor)
 
     tokenizer = tiny.char_tokenizer(
         alphabet, SPECIALS, tiny.chat_template(CHAT_TEMPLATE), eos_token="<|im_end|>", pad_token="<|endoftext|>",
@@ -73,15 +73,15 @@ def build_tiny(output_dir, alphabet, *, seed=0, min_pixels=128 * 128, max_pixels
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIALS}
     config = Qwen3VLConfig(
         text_config={"vocab_size": len(tokenizer), "hidden_size": text_hidden_size,
-                     "intermediate_size": 4 * text_hidden_size, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "intermediate_size": 4 * text_hidden_size, "num_hidden_layers": text_layers, "num_attention_heads": 2,
                      "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 2048,
                      "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [8, 4, 4],
                                          "mrope_interleaved": True},
                      "pad_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]},
-        vision_config={"depth": 2, "hidden_size": vision_hidden_size, "intermediate_size": 4 * vision_hidden_size,
+        vision_config={"depth": vision_layers, "hidden_size": vision_hidden_size, "intermediate_size": 4 * vision_hidden_size,
                        "num_heads": 2, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
                        "out_hidden_size": text_hidden_size, "num_position_embeddings": 256,
-                       "deepstack_visual_indexes": [0, 1]},
+                       "deepstack_visual_indexes": list(range(min(vision_layers, 3)))},
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True)
@@ -89,12 +89,14 @@ def build_tiny(output_dir, alphabet, *, seed=0, min_pixels=128 * 128, max_pixels
     model = Qwen3VLForConditionalGeneration(config)
     model.generation_config = GenerationConfig(pad_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"]],
                                                do_sample=False)
-    image_processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
-                                               min_pixels=min_pixels, max_pixels=max_pixels,
-                                               image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    image_processor = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                            min_pixels=min_pixels, max_pixels=max_pixels,
+                                            image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    video_processor = Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2)
+    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+                                 chat_template=tokenizer.chat_template)
     model.save_pretrained(str(output_dir))
-    video = {"video_processor_type": "Qwen3VLVideoProcessor", "patch_size": 16, "merge_size": 2, "temporal_patch_size": 2}
-    tiny.save_processor_files(output_dir, tokenizer, image_processor, "Qwen3VLProcessor", video_processor=video)
+    processor.save_pretrained(str(output_dir))
     return output_dir
 
 

@@ -1,12 +1,7 @@
 """What the tiny test models of every family share: a character-level tokenizer (one token per
-character, byte fallback, the family's special tokens first), the family's chat template (TRL
-ships the checkpoints' templates), and the processor files written as transformers 5 saves them.
-
-The processor files are written from the sub-processors' own settings, not through the family's
-Processor class: Gemma 4's and Qwen3-VL's processors also hold a video processor that needs
-torchvision, which has no CPU build here (PyPI's wheels are CUDA builds that do not load beside
-the CPU torch), so those processors cannot be built or loaded on this machine; the video
-processor is named with its type only (its defaults apply where torchvision is installed).
+character, byte fallback, the family's special tokens first) and the family's chat template (TRL
+ships the checkpoints' templates). Each family saves its processor through its own Processor class
+(Gemma 4's and Qwen3-VL's hold a video processor built on torchvision, which the CPU set installs).
 """
 import json
 from pathlib import Path
@@ -44,12 +39,3 @@ def char_tokenizer(alphabet, specials, template, merges=(), **kwargs):
 def settings_of(sub_processor):
     """What save_pretrained writes for an image processor or feature extractor (its to_json_string)."""
     return {k: v for k, v in json.loads(sub_processor.to_json_string()).items() if not k.startswith("_")}
-
-
-def save_processor_files(folder, tokenizer, image_processor, processor_class, **extra):
-    """tokenizer files, chat_template.jinja and processor_config.json ({"image_processor": ...,
-    "processor_class": ..., **extra}), the files a transformers 5 Processor.save_pretrained writes."""
-    folder = Path(folder)
-    tokenizer.save_pretrained(str(folder))
-    doc = {"image_processor": settings_of(image_processor), **extra, "processor_class": processor_class}
-    (folder / "processor_config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
