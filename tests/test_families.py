@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from stages.lib.cli import UserError
 from stages.lib.families import (FAMILIES, family_image_settings, family_of, gemma3, gemma4, qwen3_vl,
@@ -98,23 +99,29 @@ def real_shaped_checkpoint(source, folder, family):
         (folder / "processor_config.json").write_text(json.dumps({"image_seq_length": 256,
                                                                   "processor_class": "Gemma3Processor"}))
     elif family is gemma4:
-        from transformers import Gemma4AudioFeatureExtractor, Gemma4ImageProcessorPil
+        from transformers import Gemma4AudioFeatureExtractor, Gemma4ImageProcessorPil, Gemma4VideoProcessor
 
         image = {**tiny.settings_of(Gemma4ImageProcessorPil()), "image_processor_type": "Gemma4ImageProcessor"}
         (folder / "processor_config.json").write_text(json.dumps({
             "feature_extractor": tiny.settings_of(Gemma4AudioFeatureExtractor()), "image_processor": image,
+            "video_processor": tiny.settings_of(Gemma4VideoProcessor()),
             "image_seq_length": 280, "processor_class": "Gemma4Processor"}))
     else:
         (folder / "preprocessor_config.json").write_text(json.dumps({
             "size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16, "temporal_patch_size": 2,
             "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
             "image_processor_type": "Qwen2VLImageProcessorFast", "processor_class": "Qwen3VLProcessor"}))
+        (folder / "video_preprocessor_config.json").write_text(json.dumps({
+            "size": {"longest_edge": 25165824, "shortest_edge": 4096}, "patch_size": 16, "temporal_patch_size": 2,
+            "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "fps": 2,
+            "video_processor_type": "Qwen3VLVideoProcessor", "processor_class": "Qwen3VLProcessor"}))
     return folder
 
 
-def run_base(project, model_name):
+def run_base(project, model_name, **base):
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     params["model_name"] = str(model_name)
+    params["base"].update(base)
     project.mkdir(parents=True, exist_ok=True)
     (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
@@ -132,7 +139,10 @@ EXPECTED = {
 
 def test_model_name_at_a_real_shaped_checkpoint_resolves_family_and_resolution(tiny_dirs, tiny_base_dir, tmp_path):
     """model_name = a checkpoint folder of each family: the base stage names the family and its
-    resolution settings from the folder alone (metrics/base.json), with no further params."""
+    resolution settings from the folder alone (metrics/base.json), with no further params, and the
+    family's Processor loads from it with those settings."""
+    from stages.lib.modeling import load_processor
+
     sources = {"gemma3": Path(tiny_base_dir), **tiny_dirs}
     for name, family in FAMILIES.items():
         checkpoint = real_shaped_checkpoint(sources[name], tmp_path / f"{name}-it", family)
@@ -142,6 +152,51 @@ def test_model_name_at_a_real_shaped_checkpoint_resolves_family_and_resolution(t
         metrics = json.loads((tmp_path / f"project-{name}" / "metrics/base.json").read_text())
         assert metrics["family"] == name and metrics["resolution"] == EXPECTED[name], metrics
         assert family.TITLE in done.stdout
+        processor = load_processor(checkpoint)   # the family's Processor, from the folder's files alone
+        assert type(processor).__name__ == family.ARCHITECTURE.replace("ForConditionalGeneration", "Processor")
+        for key, value in EXPECTED[name].items():
+            if value is not None:
+                found = getattr(processor.image_processor, key)
+                assert (dict(found) if isinstance(value, dict) else found) == value, (name, key, found)
+
+
+def test_a_checkpoint_without_its_video_processor_settings_is_one_line(tiny_dirs, tmp_path):
+    """A Gemma 4 folder whose processor_config.json lacks the video processor (an older or hand-copied
+    file): transformers' many-line OSError becomes one line naming the folder and the files to copy."""
+    from stages.lib.modeling import load_processor
+
+    checkpoint = real_shaped_checkpoint(tiny_dirs["gemma4"], tmp_path / "gemma4", gemma4)
+    saved = json.loads((checkpoint / "processor_config.json").read_text())
+    del saved["video_processor"]
+    (checkpoint / "processor_config.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError) as err:
+        load_processor(checkpoint)
+    message = str(err.value)
+    assert str(checkpoint) in message and "video_preprocessor_config.json" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("family", NEW, ids=lambda f: f.MODEL_TYPE)
+def test_base_builds_and_pretrains_the_tiny_model_of_base_family(family, tiny_rows_file, tmp_path):
+    """model_name "tiny" with base.family: the base stage builds that family's tiny model (white paper
+    in as 0, the demo's scaling) and pre-trains it (a few steps here; README: the learning figures)."""
+    from stages.lib.modeling import load_processor
+
+    project = tmp_path / "project"
+    (project / "data" / "input").mkdir(parents=True)
+    shutil.copy(tiny_rows_file, project / "data/input/ocr_non_test.json")
+    done = run_base(project, "tiny", family=family.MODEL_TYPE, pretrain_lines=40, pretrain_steps=3,
+                    pretrain_batch_size=4, text_hidden_size=64, vision_hidden_size=32)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((project / "metrics/base.json").read_text())
+    assert metrics["family"] == family.MODEL_TYPE and metrics["pretrain_steps"] == 3
+    assert metrics["pretrain_loss"] < metrics["pretrain_first_loss"] + 1.0 and f"tiny {family.TITLE}" in done.stdout
+    assert family_of(project / "models/base") is family and family.layout_problems(project / "models/base") == []
+    image = load_processor(project / "models/base").image_processor
+    features = image(Image.new("RGB", (128, 128), "white"), return_tensors="pt")
+    white = features["pixel_values"]
+    if family is gemma4:   # the model itself maps x to 2 * (x - 0.5); padding patches have position -1
+        white = 2 * (white[features["image_position_ids"][..., 0] >= 0] - 0.5)
+    assert float(white.abs().max()) < 1e-6
 
 
 def test_base_refuses_an_unsupported_model_type_in_one_line(tiny_base_dir, tmp_path):

@@ -108,8 +108,12 @@ def load_processor(path, image=None):
         if "torchvision" not in str(e).lower():
             raise
         raise UserError(f"{path}: this model's processor needs torchvision, which is not installed (its video "
-                        "processor; PyPI has only CUDA builds of torchvision: use the GPU set, "
-                        "requirements-gpu.txt)") from None
+                        "processor): run `make setup`, which installs the matched torch/torchvision pair") from None
+    except OSError as e:       # a processor file missing from a copied checkpoint (e.g. the video processor's)
+        reason = str(e).split(". ")[0].replace("\n", " ")
+        raise UserError(f"{path}: its processor does not load ({reason}): copy every processor file of the "
+                        "checkpoint (processor_config.json, preprocessor_config.json, "
+                        "video_preprocessor_config.json, tokenizer files) into the folder") from None
     if image and (Path(path) / "config.json").is_file():   # a model folder: its family's settings of `image:`
         from .families import family_image_settings, family_of
 

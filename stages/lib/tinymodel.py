@@ -49,17 +49,19 @@ REAL_SHAPE = {"image_size": 896, "patch": 14, "tokens_per_image": 256, "norm": 0
 
 
 def build_tiny_model(output_dir, alphabet, *, seed=0, image_size=128, text_hidden_size=128,
-                     text_layers=2, vision_hidden_size=128, vision_layers=2, real_shape=False):
+                     text_layers=2, vision_hidden_size=128, vision_layers=2, real_shape=False, norm=None):
     """Save an untrained tiny Gemma3ForConditionalGeneration + processor to output_dir.
-    real_shape: Gemma 3's real image geometry (REAL_SHAPE; image_size is then ignored)."""
+    real_shape: Gemma 3's real image geometry (REAL_SHAPE; image_size is then ignored).
+    norm: the image mean and std (default: 1, white paper in as 0; real_shape: Gemma 3's 0.5)."""
     import torch
     from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil,
                               Gemma3Processor, Gemma3TextConfig, GenerationConfig, SiglipVisionConfig)
 
-    patch, tokens_per_image, norm, context = 32, 16, 1.0, 1024
+    patch, tokens_per_image, norm_default, context = 32, 16, 1.0, 1024
     if real_shape:
-        image_size, patch, tokens_per_image, norm, context = (REAL_SHAPE[k] for k in (
+        image_size, patch, tokens_per_image, norm_default, context = (REAL_SHAPE[k] for k in (
             "image_size", "patch", "tokens_per_image", "norm", "context"))
+    norm = norm if norm is not None else norm_default
     if image_size % patch or (image_size // patch) ** 2 % tokens_per_image:
         raise ValueError(f"image_size must be a multiple of {patch} giving a multiple of 4 patches per side")
     tokenizer = build_tokenizer(alphabet)

@@ -16,7 +16,9 @@ Each family module (gemma3.py, gemma4.py, qwen3_vl.py) has the same small interf
     UNSLOTH                              how unsloth loads it (FastVisionModel; GPU only)
     saved_setting(saved, name)           an IMAGE_SETTINGS value as the checkpoint's processor files store it
     image_tokens(config, settings)       the most image tokens one image can take (prompt length bound)
-    build_tiny(output_dir, alphabet, seed=0)   a tiny untrained model + tokenizer + processor files, offline
+    build_tiny(output_dir, alphabet, seed=0, image_size=, text_hidden_size=, text_layers=,
+               vision_hidden_size=, vision_layers=, white_is_zero=)   a tiny untrained model + tokenizer + processor
+                                         files, offline (the base stage's `base.family`)
     write_layout(folder), layout_problems(folder)   the key layout vLLM loads: write it / what differs
 Adding a family: one module here, its name in FAMILIES, its settings in params.yaml `image:`, its
 line in tools/check_vllm_mappings.py, the module in dvc.yaml's deps, and its tests.

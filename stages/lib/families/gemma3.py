@@ -55,10 +55,12 @@ def image_tokens(config, settings):
     return per_image * (1 + crops)
 
 
-def build_tiny(output_dir, alphabet, *, seed=0, **sizes):
+def build_tiny(output_dir, alphabet, *, seed=0, white_is_zero=False, **sizes):
+    """The tiny Gemma 3 (stages/lib/tinymodel.py). white_is_zero: mean/std 1, white paper in as 0 (the
+    demo base's scaling); else Gemma 3's real 0.5."""
     from ..tinymodel import build_tiny_model
 
-    return build_tiny_model(output_dir, alphabet, seed=seed, **sizes)
+    return build_tiny_model(output_dir, alphabet, seed=seed, norm=1.0 if white_is_zero else 0.5, **sizes)
 
 
 def write_layout(folder):

@@ -50,10 +50,18 @@ def image_tokens(config, settings):
     return settings.get("max_soft_tokens") or (config.get("vision_config") or {}).get("default_output_length") or 280
 
 
+# pixel / 2 into the model, whose 2 * (x - 0.5) then gives white 0, ink -1
+WHITE_IS_ZERO = {"do_normalize": True, "image_mean": [0.0] * 3, "image_std": [2.0] * 3}
+
+
 def build_tiny(output_dir, alphabet, *, seed=0, max_soft_tokens=70, text_hidden_size=64, vision_hidden_size=32,
-               text_layers=2, vision_layers=2):
+               text_layers=2, vision_layers=2, image_size=None, white_is_zero=False):
     """An untrained tiny Gemma 4 with the real processor settings (patch 16, pooling 3, the soft-token
-    budget), Gemma 4's chat template and special tokens; hidden sizes tiny, no audio tower."""
+    budget), Gemma 4's chat template and special tokens; hidden sizes tiny, no audio tower.
+    image_size is not used: Gemma 4 resizes every image to its soft-token budget (70: a 128 px square
+    becomes 384 px, 8x8 soft tokens). white_is_zero: the demo base's input scaling (the tiny Gemma 3's
+    too): the image processor normalizes so that, after the model's own 2 * (x - 0.5), white paper is
+    0 and ink -1 (the real scaling maps white to 1: the tiny model then never learned to read)."""
     import torch
     from transformers import (Gemma4AudioFeatureExtractor, Gemma4Config, Gemma4ForConditionalGeneration,
                               Gemma4ImageProcessor, Gemma4Processor, Gemma4TextConfig, Gemma4VideoProcessor,
@@ -86,7 +94,8 @@ def build_tiny(output_dir, alphabet, *, seed=0, max_soft_tokens=70, text_hidden_
                                                eos_token_id=[ids["<eos>"], ids["<turn|>"]], do_sample=False)
     processor = Gemma4Processor(
         feature_extractor=Gemma4AudioFeatureExtractor(), tokenizer=tokenizer, video_processor=Gemma4VideoProcessor(),
-        image_processor=Gemma4ImageProcessor(max_soft_tokens=max_soft_tokens, patch_size=16, pooling_kernel_size=3),
+        image_processor=Gemma4ImageProcessor(max_soft_tokens=max_soft_tokens, patch_size=16, pooling_kernel_size=3,
+                                             **(WHITE_IS_ZERO if white_is_zero else {})),
         chat_template=tokenizer.chat_template, image_seq_length=max_soft_tokens)
     model.save_pretrained(str(output_dir))
     processor.save_pretrained(str(output_dir))

@@ -58,10 +58,16 @@ def image_tokens(config, settings):
     return ((settings.get("size") or {}).get("longest_edge") or 16777216) // PIXELS_PER_TOKEN
 
 
-def build_tiny(output_dir, alphabet, *, seed=0, min_pixels=128 * 128, max_pixels=256 * 256, text_hidden_size=64,
-               vision_hidden_size=32, text_layers=2, vision_layers=2):
+def build_tiny(output_dir, alphabet, *, seed=0, image_size=128, text_hidden_size=64, vision_hidden_size=32,
+               text_layers=2, vision_layers=2, white_is_zero=False):
     """An untrained tiny Qwen3-VL with the real processor settings (patch 16, 2x2 merge, temporal
-    patch 2, mean/std 0.5; the pixel range given), Qwen3-VL's chat template and special tokens."""
+    patch 2, mean/std 0.5), Qwen3-VL's chat template and special tokens; the pixel range from
+    image_size: min_pixels image_size^2 (a 128 px square stays 128 px, one token per 32 px cell),
+    max_pixels (2 x image_size)^2. white_is_zero: the demo base's input scaling (the tiny Gemma 3's
+    too), mean/std 1: white paper is 0, ink -1. Measured, 400 pre-training steps on 2 cores: held-out
+    CER 0.51 with it, 1.04 with the real 0.5 (white 1: the tiny model learned the text, not to read)."""
+    min_pixels, max_pixels = image_size * image_size, 4 * image_size * image_size
+    norm = 1.0 if white_is_zero else 0.5
     import torch
     from transformers import (GenerationConfig, Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
                               Qwen3VLProcessor, Qwen3VLVideoProcessor)
@@ -91,7 +97,7 @@ def build_tiny(output_dir, alphabet, *, seed=0, min_pixels=128 * 128, max_pixels
                                                do_sample=False)
     image_processor = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2,
                                             min_pixels=min_pixels, max_pixels=max_pixels,
-                                            image_mean=[0.5] * 3, image_std=[0.5] * 3)
+                                            image_mean=[norm] * 3, image_std=[norm] * 3)
     video_processor = Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2)
     processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
                                  chat_template=tokenizer.chat_template)
